@@ -1,0 +1,33 @@
+# `make demo` and `make test` each set themselves up on a fresh machine: a .venv, torch, megagpt.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines: install this torch before the package; a bare `torch` requirement in an empty
+# environment resolves to a multi-GB CUDA build. An existing torch (say a CUDA one) is kept.
+TORCH_CPU ?= torch==2.13.0
+DEMO_DATA := data/shakespeare
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.megagpt-installed
+
+$(VENV)/.megagpt-installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_CPU)"
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(PY) tools/prepare_demo_data.py --out-dir $(DEMO_DATA)
+	$(PY) launcher/pretrain.py --config configs/demo-cpu.yaml
+	$(PY) tools/demo_report.py --run runs/demo-cpu --data $(DEMO_DATA)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs data build

@@ -1,0 +1,46 @@
+"""Train a GPT: `python launcher/pretrain.py --config configs/X.yaml [section.key=value ...]`.
+
+Runs as one process with plain python, or under torchrun. Every user error (config, data, launch
+environment) is printed as one sentence and exits with status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megagpt.config import load_config, validate
+from megagpt.errors import UserError
+from megagpt.launch import discover_launch, resolve_device
+from megagpt.log import get_logger, setup_logging
+from megagpt.parallel.context import ParallelContext
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (may name a preset); see configs/")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.iters=100 parallel.tp=2")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    try:
+        launch = discover_launch()
+        setup_logging(launch.rank)
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, launch.world_size)
+        device = resolve_device(cfg.train.device, launch.local_rank)
+        get_logger().info(f"launched by {launch.source}: rank {launch.rank} of {launch.world_size}")
+        ctx = ParallelContext.single_process(device)
+
+        from megagpt.train.pretrain import pretrain  # after validation: heavy imports only for a valid run
+
+        return pretrain(cfg, ctx)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

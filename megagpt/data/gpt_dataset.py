@@ -1,0 +1,410 @@
+"""Training samples for a GPT: Megatron-style document shuffling, sample windows, blending, synthetic data.
+
+A ``GPTDataset`` turns the documents of one split of an ``IndexedDataset`` into ``num_samples`` windows of
+``seq_length + 1`` tokens (inputs and shifted labels come from the same window). Like Megatron's GPTDataset it
+builds three index arrays once and caches them as .npy files:
+
+    document_index  (epochs * docs,)   the split's document ids, shuffled anew for every epoch, concatenated:
+                                       the order in which documents form one long token stream
+    sample_index    (num_samples + 1, 2)  row k = (position in document_index, token offset in that document)
+                                       where window k starts; window k runs to row k + 1 inclusive, so
+                                       consecutive windows share one token (the last label of k is the first
+                                       input of k + 1) and every stream token is a label exactly once
+    shuffle_index   (num_samples,)     the order in which windows are served
+
+Documents already end with the EOD token (tools/preprocess_data.py appends it), so windows that cross a
+document boundary see it, as in Megatron and GPT-3. Everything is vectorized numpy: no per-token Python loops.
+
+``build_datasets`` is the entry point the trainer uses: ``data.path``, ``data.split`` and ``data.synthetic``
+in, (train, valid, test) out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from megagpt.data.indexed_dataset import IndexedDataset, create_temp_file
+from megagpt.data.tokenizer import VOCAB_SIZE
+from megagpt.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "valid", "test")
+# Bump when the index-building algorithm changes, so stale caches are not reused.
+_INDEX_VERSION = 1
+
+
+def parse_split(split: str) -> list[float]:
+    """'969,30,1' -> normalized [train, valid, test] weights; missing trailing parts are 0."""
+    parts = [p.strip() for p in str(split).replace("/", ",").split(",")]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise DataError(
+            f"data.split {split!r} is not valid; give up to three non-negative train,valid,test weights "
+            "with a positive sum, like '969,30,1'."
+        )
+    weights += [0.0] * (3 - len(weights))
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def split_documents(num_documents: int, split: str) -> list[tuple[int, int]]:
+    """Three contiguous (start, end) document ranges for train, valid, test, by Megatron's rounding.
+
+    Each split gets round(weight * num_documents) documents; any rounding excess or shortfall shifts every
+    boundary after the first, so the ranges always cover exactly [0, num_documents). A range may be empty.
+    """
+    weights = parse_split(split)
+    bounds = [0]
+    for weight in weights:
+        bounds.append(bounds[-1] + int(round(weight * float(num_documents))))
+    excess = bounds[-1] - num_documents
+    bounds = [0] + [min(max(b - excess, 0), num_documents) for b in bounds[1:]]
+    return [(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+class GPTDataset(Dataset):
+    """``num_samples`` windows of ``seq_length + 1`` tokens over documents ``doc_range`` of ``indexed``.
+
+    ``dataset[i]`` is a LongTensor of seq_length + 1 tokens: inputs ``[:-1]``, labels ``[1:]``.
+    The same (data, range, num_samples, seq_length, seed) always gives the same samples in the same order.
+    """
+
+    def __init__(
+        self,
+        indexed: IndexedDataset,
+        doc_range: tuple[int, int],
+        num_samples: int,
+        seq_length: int,
+        seed: int,
+        cache_dir: str | os.PathLike | None = None,
+        name: str = "train",
+    ) -> None:
+        self.indexed = indexed
+        self.doc_range = (int(doc_range[0]), int(doc_range[1]))
+        self.num_samples = int(num_samples)
+        self.seq_length = int(seq_length)
+        self.seed = int(seed)
+        self.name = name
+        start, end = self.doc_range
+        if not 0 <= start <= end <= indexed.num_documents:
+            raise ValueError(f"document range {self.doc_range} outside the {indexed.num_documents} documents")
+        if self.num_samples < 1 or self.seq_length < 1:
+            raise ValueError(f"num_samples ({num_samples}) and seq_length ({seq_length}) must be positive")
+
+        # Document d is tokens[offsets[d]:offsets[d + 1]] of the flat .bin.
+        self._doc_offsets = indexed.document_token_offsets()
+        doc_lengths = np.diff(self._doc_offsets[start : end + 1])
+        if doc_lengths.sum() == 0:
+            what = "no documents" if start == end else "no tokens"
+            raise DataError(
+                f"the {name} split of {indexed.prefix} has {what} (documents [{start}, {end})) but "
+                f"{self.num_samples} {name} samples are asked for; give {name} a larger share in data.split "
+                "(train,valid,test, e.g. '969,30,1') or ask for 0 of its samples."
+            )
+
+        cache_dir = os.path.dirname(os.path.abspath(indexed.prefix)) if cache_dir is None else os.fspath(cache_dir)
+        description = {
+            "class": "GPTDataset",
+            "version": _INDEX_VERSION,
+            "prefix": os.path.abspath(indexed.prefix),
+            "doc_range": list(self.doc_range),
+            "num_samples": self.num_samples,
+            "seq_length": self.seq_length,
+            "seed": self.seed,
+            # The lengths stand in for the data itself: a re-preprocessed dataset at the same prefix gets new indices.
+            "doc_lengths_sha1": hashlib.sha1(doc_lengths.astype(np.int64).tobytes()).hexdigest(),
+        }
+        stem = f"{os.path.basename(indexed.prefix)}-{name}-{_hash(description)}"
+        arrays = _load_cached(cache_dir, stem, ("document_index", "sample_index", "shuffle_index"))
+        if arrays is None or not self._shapes_ok(*arrays):
+            arrays = self._build_indices(doc_lengths)
+            _save_cached(cache_dir, stem, dict(zip(("document_index", "sample_index", "shuffle_index"), arrays)))
+        self.document_index, self.sample_index, self.shuffle_index = arrays
+        self.cache_stem = os.path.join(cache_dir, stem)
+
+    def _shapes_ok(self, document_index, sample_index, shuffle_index) -> bool:
+        return sample_index.shape == (self.num_samples + 1, 2) and shuffle_index.shape == (self.num_samples,)
+
+    def _build_indices(self, doc_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = np.random.RandomState(self.seed)
+        start, end = self.doc_range
+        num_docs = end - start
+        tokens_per_epoch = int(doc_lengths.sum())
+        # Window k covers stream tokens [k * seq, (k + 1) * seq] inclusive, so num_samples windows need
+        # num_samples * seq + 1 tokens: the fewest whole epochs that hold them.
+        tokens_needed = self.num_samples * self.seq_length + 1
+        num_epochs = -(-tokens_needed // tokens_per_epoch)
+
+        # A fresh permutation per epoch, so every document appears exactly once per epoch. (Megatron shuffles
+        # all epochs' copies together, which can serve a document twice before another once.)
+        order = np.concatenate([rng.permutation(num_docs) for _ in range(num_epochs)])
+        document_index = (order + start).astype(np.int32 if end < 2**31 else np.int64)
+
+        # Where each document of the stream begins, then where each window begins: (stream position, offset).
+        stream_lengths = doc_lengths[document_index - start]
+        stream_offsets = np.zeros(len(stream_lengths) + 1, dtype=np.int64)
+        np.cumsum(stream_lengths, out=stream_offsets[1:])
+        starts = np.arange(self.num_samples + 1, dtype=np.int64) * self.seq_length
+        # 'right' minus one picks the last document beginning at or before the position, which skips empty
+        # documents; every position is < the stream length, so the result is a valid document.
+        position = np.searchsorted(stream_offsets, starts, side="right") - 1
+        sample_index = np.stack([position, starts - stream_offsets[position]], axis=1)
+
+        shuffle_index = rng.permutation(self.num_samples).astype(np.int64)
+        logger.info(
+            "built %s indices for %s: %d samples of %d tokens from %d documents x %d epochs",
+            self.name,
+            self.indexed.prefix,
+            self.num_samples,
+            self.seq_length + 1,
+            num_docs,
+            num_epochs,
+        )
+        return document_index, sample_index, shuffle_index
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for the {self.name} dataset of {self.num_samples}")
+        k = int(self.shuffle_index[i])
+        (doc_beg, offset_beg), (doc_end, offset_end) = self.sample_index[k], self.sample_index[k + 1]
+        tokens = self.indexed.tokens
+        parts = []
+        for position in range(int(doc_beg), int(doc_end) + 1):  # a loop over documents, never over tokens
+            doc = int(self.document_index[position])
+            first = self._doc_offsets[doc] + (offset_beg if position == doc_beg else 0)
+            last = self._doc_offsets[doc] + offset_end + 1 if position == doc_end else self._doc_offsets[doc + 1]
+            parts.append(tokens[first:last])
+        sample = np.concatenate(parts).astype(np.int64)
+        assert len(sample) == self.seq_length + 1, (len(sample), self.seq_length)
+        return torch.from_numpy(sample)
+
+
+class BlendedDataset(Dataset):
+    """Megatron's blend: sample i comes from the dataset whose share so far is furthest below its weight.
+
+    Deterministic greedy error minimisation (Megatron's ``build_blending_indices``): at step i pick
+    argmax_d (w_d * max(i, 1) - count_d), first d on ties. Every prefix of the blend matches the weights to
+    within a sample per dataset. The seed is part of the cache key only; the blend order itself has no randomness.
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[Dataset],
+        weights: Sequence[float],
+        num_samples: int,
+        seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError(f"need one weight per dataset, got {len(datasets)} datasets and {len(weights)} weights")
+        total = float(sum(weights))
+        if total <= 0 or any(w < 0 for w in weights):
+            raise DataError(f"blend weights {list(weights)} must be non-negative with a positive sum; fix data.path.")
+        self.datasets = list(datasets)
+        self.weights = [float(w) / total for w in weights]
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+
+        description = {"class": "BlendedDataset", "weights": self.weights, "num_samples": self.num_samples}
+        description["datasets"] = [getattr(d, "cache_stem", repr(d)) for d in self.datasets]
+        stem = f"blend-{_hash(description)}"
+        arrays = _load_cached(cache_dir, stem, ("dataset_index", "dataset_sample_index")) if cache_dir else None
+        if arrays is None or len(arrays[0]) != self.num_samples:
+            arrays = _build_blending_indices(self.weights, self.num_samples)
+            if cache_dir:
+                _save_cached(cache_dir, stem, {"dataset_index": arrays[0], "dataset_sample_index": arrays[1]})
+        self.dataset_index, self.dataset_sample_index = arrays
+
+        needed = np.bincount(self.dataset_index, minlength=len(self.datasets))
+        for d, (dataset, count) in enumerate(zip(self.datasets, needed)):
+            if count > len(dataset):
+                raise ValueError(f"blend component {d} has {len(dataset)} samples but the blend needs {count}")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for a blend of {self.num_samples}")
+        return self.datasets[self.dataset_index[i]][int(self.dataset_sample_index[i])]
+
+
+def _build_blending_indices(weights: list[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dataset id, sample index within that dataset) per blended sample, by Megatron's greedy rule.
+
+    Inherently sequential (each pick depends on all earlier ones), so it is a tight pure-Python loop over
+    samples: about a second per few million samples; the result is cached by the caller.
+    """
+    dataset_index = np.empty(num_samples, dtype=np.int16)
+    dataset_sample_index = np.empty(num_samples, dtype=np.int64)
+    counts = [0] * len(weights)
+    candidates = list(enumerate(weights))
+    for i in range(num_samples):
+        steps = float(max(i, 1))
+        best, best_error = 0, -math.inf
+        for d, w in candidates:
+            error = w * steps - counts[d]
+            if error > best_error:
+                best, best_error = d, error
+        dataset_index[i] = best
+        dataset_sample_index[i] = counts[best]
+        counts[best] += 1
+    return dataset_index, dataset_sample_index
+
+
+class SyntheticDataset(Dataset):
+    """Deterministic random tokens: sample i depends only on (seed, i), never on what else was read.
+
+    For tests and benchmarks that must not depend on a corpus; the loss cannot fall below log(vocab_size).
+    """
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int = VOCAB_SIZE, seed: int = 0) -> None:
+        self.num_samples = int(num_samples)
+        self.seq_length = int(seq_length)
+        self.vocab_size = int(vocab_size)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for a synthetic dataset of {self.num_samples}")
+        # A fresh generator per sample (seed mixed with a large prime) makes samples independent of access order.
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + i) % 2**63)
+        return torch.randint(0, self.vocab_size, (self.seq_length + 1,), generator=generator, dtype=torch.int64)
+
+
+def parse_blend(path: str | Sequence) -> list[tuple[float, str]]:
+    """data.path -> [(weight, prefix), ...]: a prefix string, or a list [w1, prefix1, w2, prefix2, ...]."""
+    if isinstance(path, (str, os.PathLike)):
+        return [(1.0, os.fspath(path))]
+    items = list(path)
+    if len(items) == 1 and isinstance(items[0], (str, os.PathLike)):
+        return [(1.0, os.fspath(items[0]))]
+    if not items or len(items) % 2:
+        raise DataError(
+            f"data.path {items!r} is neither a prefix nor a blend; "
+            "write a blend as [weight1, prefix1, weight2, prefix2, ...]."
+        )
+    blend = []
+    for raw_weight, prefix in zip(items[0::2], items[1::2]):
+        try:
+            weight = float(raw_weight)
+        except (TypeError, ValueError):
+            weight = -1.0
+        if not math.isfinite(weight) or weight < 0 or not isinstance(prefix, (str, os.PathLike)):
+            raise DataError(
+                f"data.path entry ({raw_weight!r}, {prefix!r}) is not (weight, prefix); write a blend as "
+                "[weight1, prefix1, weight2, prefix2, ...] with non-negative weights."
+            )
+        blend.append((weight, os.fspath(prefix)))
+    if sum(w for w, _ in blend) <= 0:
+        raise DataError(
+            f"data.path blend weights {[w for w, _ in blend]} sum to zero; give some dataset a positive weight."
+        )
+    return blend
+
+
+def build_datasets(
+    path: str | Sequence | None,
+    split: str,
+    seq_length: int,
+    seed: int,
+    num_samples: tuple[int, int, int],
+    cache_dir: str | os.PathLike | None = None,
+    synthetic: bool = False,
+    vocab_size: int = VOCAB_SIZE,
+) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
+    """(train, valid, test) for data.path / data.split; a split with 0 samples asked for is None.
+
+    Every prefix is opened (and so validated) before any index is built, so a wrong path fails at once.
+    A blend splits each of its datasets by ``split`` and blends the matching splits; each component builds
+    ceil(weight * n * 1.005) + 1 samples (Megatron's margin) so the greedy blend never runs past its end.
+    """
+    if len(num_samples) != 3 or any(int(n) < 0 for n in num_samples):
+        raise ValueError(f"num_samples must be three non-negative counts (train, valid, test), got {num_samples}")
+    counts = [int(n) for n in num_samples]
+    if synthetic:
+        # Distinct seeds per split (seed * 3 + k is one-to-one) so validation never replays training samples.
+        return tuple(
+            SyntheticDataset(n, seq_length, vocab_size, seed * 3 + k) if n > 0 else None for k, n in enumerate(counts)
+        )
+    if path is None or path == "" or path == []:
+        raise DataError(
+            "data.path is empty; set it to a dataset prefix from tools/preprocess_data.py or use data.synthetic."
+        )
+
+    parse_split(split)  # a bad split string fails before any file is touched
+    blend = parse_blend(path)
+    indexed = {prefix: IndexedDataset(prefix) for _, prefix in blend}
+    ranges = {prefix: split_documents(ds.num_documents, split) for prefix, ds in indexed.items()}
+    blend = [(w, p) for w, p in blend if w > 0]
+    total_weight = sum(w for w, _ in blend)
+
+    def make(prefix: str, k: int, n: int) -> GPTDataset:
+        return GPTDataset(indexed[prefix], ranges[prefix][k], n, seq_length, seed, cache_dir, SPLIT_NAMES[k])
+
+    datasets: list[Dataset | None] = []
+    for k, n in enumerate(counts):
+        if n == 0:
+            datasets.append(None)
+        elif len(blend) == 1:
+            datasets.append(make(blend[0][1], k, n))
+        else:
+            weights = [w / total_weight for w, _ in blend]
+            parts = [make(prefix, k, math.ceil(w * n * 1.005) + 1) for w, (_, prefix) in zip(weights, blend)]
+            blend_cache = cache_dir if cache_dir is not None else os.path.dirname(os.path.abspath(blend[0][1]))
+            datasets.append(BlendedDataset(parts, weights, n, seed, cache_dir=blend_cache))
+    return tuple(datasets)
+
+
+def _hash(description: dict) -> str:
+    return hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_cached(cache_dir: str | os.PathLike, stem: str, names: Sequence[str]) -> tuple[np.ndarray, ...] | None:
+    paths = [os.path.join(cache_dir, f"{stem}-{name}.npy") for name in names]
+    if not all(os.path.isfile(p) for p in paths):
+        return None
+    try:
+        # mmap: every data loader worker and every rank on a node shares one copy in the page cache.
+        return tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+    except (OSError, ValueError) as e:
+        logger.warning("rebuilding unreadable index cache %s: %s", paths[0], e)
+        return None
+
+
+def _save_cached(cache_dir: str | os.PathLike, stem: str, arrays: dict[str, np.ndarray]) -> None:
+    """Each array to a temporary file, renamed into place: ranks that race to write the same (deterministic)
+    cache never expose a half-written file to each other. A read-only cache_dir only costs a rebuild next time."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        for name, array in arrays.items():
+            final = os.path.join(cache_dir, f"{stem}-{name}.npy")
+            fd, tmp = create_temp_file(final)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, array, allow_pickle=False)
+                os.replace(tmp, final)
+            except BaseException:
+                os.remove(tmp)
+                raise
+    except OSError as e:
+        logger.warning("cannot cache dataset indices in %s (%s); set a writable cache_dir to reuse them", cache_dir, e)

@@ -1,0 +1,60 @@
+"""Which process am I? Rank discovery from the launcher's environment.
+
+Plain `python` is one process. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (with MASTER_ADDR/MASTER_PORT).
+A partial set of these variables is an error rather than a guess.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megagpt.errors import UserError
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    source: str  # "single process" or "torchrun"
+
+
+def _int_env(env: dict, name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise UserError(
+            f"environment variable {name}={env[name]!r} is not an integer; fix the launch command"
+        ) from None
+
+
+def discover_launch(env: dict | None = None) -> LaunchInfo:
+    env = dict(os.environ) if env is None else env
+    present = [name for name in TORCHRUN_VARS if name in env]
+    if not present:
+        return LaunchInfo(rank=0, world_size=1, local_rank=0, source="single process")
+    if len(present) != len(TORCHRUN_VARS):
+        missing = [name for name in TORCHRUN_VARS if name not in env]
+        raise UserError(
+            f"the environment sets {', '.join(present)} but not {', '.join(missing)}; launch with torchrun, "
+            f"or unset these variables to run one process"
+        )
+    rank, world_size, local_rank = (_int_env(env, name) for name in TORCHRUN_VARS)
+    if not 0 <= rank < world_size:
+        raise UserError(f"RANK={rank} is outside WORLD_SIZE={world_size}; fix the launch command")
+    return LaunchInfo(rank=rank, world_size=world_size, local_rank=local_rank, source="torchrun")
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    """train.device: auto -> cuda:local_rank when a GPU is present, else cpu."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

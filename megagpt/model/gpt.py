@@ -1,0 +1,131 @@
+"""The GPT-2/GPT-3 decoder, written so the parallel layers can split it.
+
+    tokens (b, s) -> token + position embedding -> dropout
+                  -> num_layers x [x + Attn(LN(x)), x + MLP(LN(x))]   (pre-LayerNorm)
+                  -> final LN -> logits against the token embedding (tied) -> cross entropy
+
+Layer l's attention is model.attention_pattern[l % len(pattern)]: "dense" (causal) or "local" (a causal band
+of model.local_window keys), so the GPT-3 default [dense, local] makes layer 0 dense, layer 1 local, ...
+
+Tensor parallelism: heads and the MLP's 4h width are split across the tp group (shapes below show /tp);
+the vocabulary is padded to a multiple of make_vocab_size_divisible_by * tp and the padded logits never
+enter the softmax. With a group of one rank everything is the plain single-GPU model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megagpt.config import ModelConfig, max_positions, padded_vocab_size
+from megagpt.model.attention import causal_attention
+from megagpt.parallel.comm import copy_to_group
+from megagpt.parallel.context import Group
+from megagpt.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+
+def layer_attention_window(cfg: ModelConfig, layer: int) -> int | None:
+    """None for a dense layer, the band width for a local one."""
+    kind = cfg.attention_pattern[layer % len(cfg.attention_pattern)]
+    return cfg.local_window if kind == "local" else None
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group):
+        super().__init__()
+        self.heads = cfg.num_heads // tp_group.size  # heads on this rank
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.window = layer_attention_window(cfg, layer)
+        self.dropout = cfg.dropout
+        h = cfg.hidden_size
+        # Fused q, k, v with the output laid out per head as [q | k | v] (Megatron's layout), so a contiguous
+        # tp slice of the 3h outputs holds whole heads.
+        self.qkv = ColumnParallelLinear(h, 3 * h, tp_group, bias=cfg.qkv_bias, init_std=cfg.init_std)
+        self.proj = RowParallelLinear(h, h, tp_group, bias=True, init_std=residual_init_std(cfg))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.heads, 3, self.head_dim)  # (b, s, heads/tp, 3, d)
+        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # each (b, heads/tp, s, d)
+        dropout_p = self.dropout if self.training else 0.0
+        y = causal_attention(q, k, v, window=self.window, dropout_p=dropout_p)  # (b, heads/tp, s, d)
+        y = y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)  # (b, s, h/tp)
+        return self.proj(y)  # (b, s, h)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group: Group):
+        super().__init__()
+        h = cfg.hidden_size
+        self.fc = ColumnParallelLinear(h, 4 * h, tp_group, bias=True, init_std=cfg.init_std)
+        self.proj = RowParallelLinear(4 * h, h, tp_group, bias=True, init_std=residual_init_std(cfg))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, h)
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # fc: (b, s, 4h/tp)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.attn = SelfAttention(cfg, layer, tp_group)
+        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.mlp = MLP(cfg, tp_group)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, h)
+        x = x + self.dropout(self.attn(self.ln_1(x)))
+        x = x + self.dropout(self.mlp(self.ln_2(x)))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group: Group):
+        super().__init__()
+        if tp_group.size > 1:
+            # The layers split; the vocab-parallel cross entropy that tp > 1 needs is not written yet.
+            raise ValueError("GPT with a tensor-parallel group of more than one rank is not supported yet")
+        self.cfg = cfg
+        self.tp_group = tp_group
+        self.vocab_size = cfg.vocab_size
+        self.padded_vocab_size = padded_vocab_size(cfg, tp_group.size)
+        self.wte = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size, tp_group, init_std=cfg.init_std)
+        self.wpe = nn.Embedding(max_positions(cfg), cfg.hidden_size)
+        nn.init.normal_(self.wpe.weight, mean=0.0, std=cfg.init_std)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, layer, tp_group) for layer in range(cfg.num_layers))
+        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (b, s) -> logits (b, s, vocab_size), or with labels (b, s) the mean cross entropy."""
+        _, s = tokens.shape
+        positions = torch.arange(s, device=tokens.device)
+        x = self.drop(self.wte(tokens) + self.wpe(positions))  # (b, s, h)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x)
+        # Output layer tied to the token embedding: (b, s, h) @ (h, V) -> (b, s, V). The padded vocabulary
+        # rows are not tokens, so they are left out of the matmul and never enter the softmax.
+        logits = F.linear(copy_to_group(x, self.tp_group), self.wte.weight[: self.vocab_size])
+        if labels is None:
+            return logits
+        # Softmax and loss in fp32 whatever the compute precision.
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def residual_init_std(cfg: ModelConfig) -> float:
+    """GPT-2's scaled init for the projections that write into the residual stream."""
+    return cfg.init_std / math.sqrt(2.0 * cfg.num_layers)
+
+
+def num_parameters(cfg: ModelConfig, vocab_rows: int | None = None) -> int:
+    """Parameters of the whole model (all tp ranks together); vocab_rows defaults to the real vocabulary."""
+    h, layers = cfg.hidden_size, cfg.num_layers
+    vocab_rows = cfg.vocab_size if vocab_rows is None else vocab_rows
+    embeddings = vocab_rows * h + max_positions(cfg) * h
+    # qkv 3h^2 (+3h), proj h^2 + h, fc 4h^2 + 4h, fc2 4h^2 + h, two LayerNorms 4h
+    per_layer = 12 * h * h + (3 * h if cfg.qkv_bias else 0) + 10 * h
+    return embeddings + layers * per_layer + 2 * h

@@ -1,0 +1,184 @@
+"""launcher/pretrain.py end to end: the CLI, torchrun, the run folder, the training math, and bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from launcher.pretrain import main
+from megagpt.config import load_config
+from megagpt.data.tokenizer import EOD_ID
+from tests.conftest import REPO
+
+TINY = ["--config", str(REPO / "configs/tiny-cpu.yaml")]
+
+
+def run_in_process(tmp_path, *overrides, name="run"):
+    state = main([*TINY, f"logging.dir={tmp_path / name}", "logging.tensorboard=false", *overrides])
+    return state.history
+
+
+def losses(history):
+    return [row["loss"] for row in history]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_single_process_matches_plain_python_and_writes_the_run_folder(tmp_path):
+    overrides = ["train.iters=6", "train.eval_interval=3", "train.eval_iters=1"]
+    run_dir = tmp_path / "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        str(REPO / "launcher/pretrain.py"),
+        *TINY,
+        f"logging.dir={run_dir}",
+        *overrides,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "launched by torchrun: rank 0 of 1" in result.stdout
+
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    for row in rows:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= row.keys()
+        assert row["tokens_per_s"] > 0 and math.isfinite(row["loss"])
+    assert [("val_loss" in row) for row in rows] == [False, False, True, False, False, True]
+    assert "step 6/6 | loss" in result.stdout and "eta" in result.stdout
+    resolved = load_config(run_dir / "config.yaml")
+    assert resolved.train.iters == 6 and resolved.model.num_layers == 4
+    assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+
+    # The same run in this process, launched as plain python, computes exactly the same numbers.
+    plain = run_in_process(tmp_path, *overrides, "logging.log_interval=1")
+    assert losses(plain) == pytest.approx([row["loss"] for row in rows], rel=1e-6)
+    assert plain[-1]["val_loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-6)
+
+
+def test_gradient_accumulation_and_determinism(tmp_path):
+    base = ["train.iters=4", "model.dropout=0.1"]
+    accumulated = run_in_process(tmp_path, *base, "train.micro_batch_size=2", name="a")  # 4 micro-batches of 2
+    again = run_in_process(tmp_path, *base, "train.micro_batch_size=2", name="b")
+    one_shot = run_in_process(tmp_path, *base, "train.micro_batch_size=8", "model.dropout=0.0", name="c")
+    no_dropout = run_in_process(tmp_path, *base, "train.micro_batch_size=2", "model.dropout=0.0", name="d")
+    assert losses(accumulated) == losses(again)  # same seed, same numbers
+    assert losses(one_shot) == pytest.approx(losses(no_dropout), rel=1e-5)  # accumulation is exact
+    assert losses(accumulated) != losses(no_dropout)  # dropout is on when asked for
+    assert [row["grad_norm"] for row in one_shot] == pytest.approx([row["grad_norm"] for row in no_dropout], rel=1e-4)
+
+
+def test_lr_schedule_and_batch_rampup_reach_the_logs(tmp_path):
+    history = run_in_process(
+        tmp_path,
+        "train.iters=8",
+        "train.global_batch_size=8",
+        "train.batch_rampup=[2,2,12]",
+        "optim.warmup_iters=2",
+        "optim.lr=1e-3",
+        "optim.min_lr=1e-4",
+    )
+    # 3 increments of 2 over 12 samples: one every 4 samples
+    assert [row["global_batch_size"] for row in history] == [2, 2, 4, 6, 8, 8, 8, 8]
+    assert history[0]["lr"] == pytest.approx(5e-4) and history[1]["lr"] == pytest.approx(1e-3)
+    assert history[-1]["lr"] == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * 5 / 6)) * 9e-4)
+
+
+def test_bf16_tracks_fp32(tmp_path):
+    fp32 = run_in_process(tmp_path, "train.iters=5", name="fp32")
+    bf16 = run_in_process(tmp_path, "train.iters=5", "train.precision=bf16", name="bf16")
+    for a, b in zip(losses(fp32), losses(bf16)):
+        assert b == pytest.approx(a, rel=0.02)
+
+
+def test_loss_falls_on_real_text(tmp_path, shakespeare_prefix):
+    history = run_in_process(
+        tmp_path,
+        "data.synthetic=false",
+        f"data.path={shakespeare_prefix}",
+        "data.split=95,5,0",
+        "train.iters=40",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=8",
+        "optim.lr=3e-3",
+        "optim.warmup_iters=4",
+        "train.eval_interval=20",
+        "train.eval_iters=2",
+        "logging.log_interval=1",
+    )
+    first, last = history[0]["loss"], history[-1]["loss"]
+    assert first == pytest.approx(math.log(50257), abs=0.1)
+    assert last < first - 3.0, f"loss {first:.2f} -> {last:.2f} over 40 steps of Shakespeare"
+    evals = [row["val_loss"] for row in history if "val_loss" in row]
+    assert len(evals) == 2 and evals[1] < evals[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one sentence on stderr, exit status 2, nothing written.
+
+
+def cli_error(tmp_path, *args):
+    run_dir = tmp_path / "should-not-exist"
+    cmd = [sys.executable, str(REPO / "launcher/pretrain.py"), *args, f"logging.dir={run_dir}"]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists(), "a failed start left a run folder behind"
+    return result.stderr.strip()
+
+
+def test_unknown_key_is_one_sentence(tmp_path):
+    err = cli_error(tmp_path, *TINY, "model.num_layerz=2")
+    assert err.startswith("error: unknown config key 'model.num_layerz'") and "\n" not in err
+
+
+def test_config_problems_are_named(tmp_path, capsys):
+    err = cli_error(tmp_path, *TINY, "model.num_heads=3", "model.seq_length=4096", "model.max_position_embeddings=2048")
+    assert "model.num_heads=3 does not divide model.hidden_size=64" in err
+    assert "model.seq_length=4096 is above the position table" in err
+
+
+def _write_tokens(prefix, docs):
+    from megagpt.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+
+    builder = IndexedDatasetBuilder(str(prefix), best_dtype(50257))
+    for doc in docs:
+        builder.add_document(doc)
+    builder.finalize()
+
+
+def test_data_problems_are_named(tmp_path):
+    data = ["data.synthetic=false", "train.eval_iters=0"]
+    err = cli_error(tmp_path, *TINY, *data, f"data.path={tmp_path / 'missing'}")
+    assert "missing" in err and "preprocess_data" in err
+
+    prefix = tmp_path / "corpus"
+    _write_tokens(prefix, [[1, 2, 3, EOD_ID] * 50] * 20)
+    bin_path = prefix.with_suffix(".bin")
+    bin_path.write_bytes(bin_path.read_bytes()[:-10])  # truncated
+    err = cli_error(tmp_path, *TINY, *data, f"data.path={prefix}")
+    assert "corpus.bin" in err and "truncated" in err.lower()
+
+    _write_tokens(prefix, [[1, 2, 3, EOD_ID] * 50] * 20)
+    prefix.with_suffix(".idx").write_bytes(b"TNTIDX\x00\x00" + bytes(64))  # another format's header
+    err = cli_error(tmp_path, *TINY, *data, f"data.path={prefix}")
+    assert "corpus.idx" in err
+
+
+def test_written_config_is_the_resolved_one(tmp_path):
+    run_in_process(tmp_path, "train.iters=1", "optim.lr=2e-3", "optim.warmup_iters=0")
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written["optim"]["lr"] == 2e-3 and written["model"]["hidden_size"] == 64

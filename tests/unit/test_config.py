@@ -1,0 +1,106 @@
+import pytest
+import yaml
+
+from megagpt.config import Config, config_from_dict, dump_config, load_config, padded_vocab_size, validate
+from megagpt.errors import ConfigError
+
+
+def test_yaml_preset_and_overrides_compose(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: gpt3-125m\ntrain:\n  iters: 7\noptim:\n  lr: 6e-4\n")  # YAML reads 6e-4 as a string
+    cfg = load_config(path, ["train.iters=9", "model.attention_pattern=[dense]", "logging.dir=out/x=1"])
+    assert cfg.model.num_layers == 12 and cfg.model.hidden_size == 768  # from the preset
+    assert cfg.train.iters == 9  # the command line beats the file, which beats the preset
+    assert cfg.optim.lr == pytest.approx(6e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.model.attention_pattern == ["dense"]
+    assert cfg.logging.dir == "out/x=1"  # str values are taken verbatim
+
+
+def test_dumped_config_loads_back_identically(tmp_path):
+    cfg = config_from_dict({"preset": "demo-cpu"}, ["train.batch_rampup=[8,8,100]", "data.path=[0.3,a,0.7,b]"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["batch_rampup"] == [8, 8, 100]
+
+
+@pytest.mark.parametrize(
+    "raw, overrides, expected",
+    [
+        ({"model": {"num_layer": 2}}, [], "unknown config key 'model.num_layer'"),
+        ({"modle": {}}, [], "unknown config section 'modle'"),
+        ({}, ["train.iters=ten"], "config key 'train.iters' got 'ten', but it must be int"),
+        ({}, ["train.iters=1.5"], "must be int"),
+        ({"train": {"precision": "fp8"}}, [], "must be one of 'fp32', 'bf16', 'fp16'"),
+        ({}, ["model.qkv_bias=maybe"], "'model.qkv_bias' got 'maybe', but it must be bool"),
+        ({}, ["iters=3"], "must look like section.key=value"),
+        ({"preset": "gpt3-9000b"}, [], "unknown preset 'gpt3-9000b'"),
+    ],
+)
+def test_bad_keys_and_types_are_named(raw, overrides, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace("[", r"\[")):
+        config_from_dict(raw, overrides)
+
+
+def test_missing_config_file_is_one_sentence(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def _problems(*overrides, world_size=1):
+    cfg = config_from_dict({"preset": "tiny-cpu"}, list(overrides))
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size)
+    return str(info.value)
+
+
+def test_validate_names_every_offending_value():
+    msg = _problems(
+        "model.num_heads=5", "model.seq_length=128", "model.max_position_embeddings=64", "train.global_batch_size=7"
+    )
+    assert "model.num_heads=5 does not divide model.hidden_size=64" in msg
+    assert "model.seq_length=128 is above the position table" in msg
+    assert "train.global_batch_size=7 is not divisible by micro_batch_size * dp" in msg
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.attention_pattern=[dense,global]", "allowed kinds: dense, local"),
+        ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1)"),
+        ("optim.min_lr=1.0", "optim.min_lr=1.0 must be between 0"),
+        ("optim.warmup_iters=50", "decay must end after warm-up"),
+        ("data.split=90,10", "data.split='90,10' must be three"),
+        ("train.batch_rampup=[2,4,100]", "not a multiple of increment 4"),
+        ("train.batch_rampup=[3,5,100]", "must be multiples of micro_batch_size * dp"),
+        ("train.precision=fp16", "fp16 needs the dynamic loss scaler"),
+        ("parallel.tp=2", "parallel.tp is not supported yet"),
+        ("checkpoint.dir=ckpt", "checkpoint.dir, checkpoint.load and checkpoint.save_interval are not supported"),
+        ("data.synthetic=false", "data.path is not set"),
+    ],
+)
+def test_validate_rejects_impossible_values(override, expected):
+    assert expected in _problems(override)
+
+
+def test_data_blend_and_validation_split_checks():
+    assert "must be a prefix or a list [weight1, prefix1" in _problems("data.synthetic=false", "data.path=[0.5,a,b]")
+    assert "needs a validation split" in _problems("data.synthetic=false", "data.path=x", "data.split=1,0,0")
+
+
+def test_world_size_must_match_layout():
+    assert "launched 2 processes" in _problems(world_size=2)
+
+
+def test_all_shipped_configs_validate():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert len(configs) == 10
+    for path in configs:
+        validate(load_config(path), 1)
+
+
+def test_vocab_padding_rule():
+    cfg = Config()
+    assert padded_vocab_size(cfg.model) == 50304
+    assert padded_vocab_size(cfg.model, tp=8) == 51200

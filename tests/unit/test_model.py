@@ -1,0 +1,125 @@
+import math
+
+import pytest
+import torch
+
+from megagpt.model.attention import causal_attention
+from megagpt.model.gpt import GPT, layer_attention_window, residual_init_std
+from megagpt.parallel.context import Group
+from tests.conftest import tiny_config
+
+
+def reference_attention(q, k, v, window):
+    """float64 masked softmax attention, written out longhand."""
+    q, k, v = (t.double() for t in (q, k, v))
+    s = q.shape[-2]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    i = torch.arange(s).unsqueeze(1)
+    j = torch.arange(s).unsqueeze(0)
+    allowed = j <= i
+    if window is not None:
+        allowed &= j > i - window
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("window", [None, 1, 5, 16, 40])
+def test_attention_matches_float64_reference_forward_and_backward(window):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 24, 8, requires_grad=True) for _ in range(3))
+    out = causal_attention(q, k, v, window=window)
+    ref = reference_attention(q, k, v, window)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_local_attention_ignores_keys_outside_the_band():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 32, 8) for _ in range(3))
+    out = causal_attention(q, k, v, window=4)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, :20] += 10.0  # query 31 sees keys 28..31 only; queries >= 23 never see keys < 20
+    v2[:, :, :20] -= 3.0
+    out2 = causal_attention(q, k2, v2, window=4)
+    torch.testing.assert_close(out[:, :, 23:], out2[:, :, 23:])
+    assert not torch.allclose(out[:, :, :20], out2[:, :, :20])
+
+
+def test_layers_follow_the_attention_pattern():
+    cfg = tiny_config("model.attention_pattern=[dense,local,local]", "model.num_layers=6").model
+    windows = [layer_attention_window(cfg, layer) for layer in range(6)]
+    assert windows == [None, 16, 16, None, 16, 16]
+    model = GPT(cfg, Group.solo())
+    assert [block.attn.window for block in model.blocks] == windows
+
+
+def _model(*overrides):
+    torch.manual_seed(0)
+    cfg = tiny_config(*overrides).model
+    return GPT(cfg, Group.solo()), cfg
+
+
+def test_forward_shapes_and_initial_loss():
+    model, cfg = _model()
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + 1))
+    logits = model(tokens[:, :-1])
+    assert logits.shape == (2, cfg.seq_length, cfg.vocab_size)  # padded rows trimmed
+    loss = model(tokens[:, :-1], tokens[:, 1:])
+    # small init: nearly uniform predictions over the real vocabulary
+    assert loss.item() == pytest.approx(math.log(cfg.vocab_size), abs=0.05)
+
+
+def test_model_is_causal():
+    model, cfg = _model()
+    tokens = torch.randint(0, cfg.vocab_size, (1, cfg.seq_length))
+    changed = tokens.clone()
+    changed[0, 40:] = (changed[0, 40:] + 1) % cfg.vocab_size
+    torch.testing.assert_close(model(tokens)[:, :40], model(changed)[:, :40])
+
+
+def test_padded_vocabulary_never_enters_the_loss():
+    model, cfg = _model()
+    assert model.padded_vocab_size == 50304 and model.wte.weight.shape[0] == 50304
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + 1))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    assert model.wte.weight.grad[cfg.vocab_size :].abs().max() == 0
+    assert model.wte.weight.grad[: cfg.vocab_size].abs().max() > 0
+
+
+def test_init_follows_gpt2():
+    model, cfg = _model("model.hidden_size=256")
+    block = model.blocks[0]
+    assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert block.mlp.fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    for proj in (block.attn.proj, block.mlp.proj):
+        assert proj.weight.std().item() == pytest.approx(residual_init_std(cfg), rel=0.05)
+        assert proj.bias.abs().max() == 0
+    assert model.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.equal(model.ln_f.weight, torch.ones_like(model.ln_f.weight))
+
+
+def test_qkv_bias_switch():
+    with_bias, _ = _model()
+    without, _ = _model("model.qkv_bias=false")
+    assert with_bias.blocks[0].attn.qkv.bias is not None
+    assert without.blocks[0].attn.qkv.bias is None
+    assert without.blocks[0].attn.proj.bias is not None
+
+
+def test_tiny_model_overfits_one_batch():
+    model, cfg = _model("model.vocab_size=256", "model.make_vocab_size_divisible_by=1")
+    tokens = torch.randint(0, 256, (4, cfg.seq_length + 1), generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for _ in range(80):
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first == pytest.approx(math.log(256), abs=0.1)
+    assert loss.item() < 0.2, f"loss {first:.2f} -> {loss.item():.2f}: the model did not memorise one batch"

