@@ -20,7 +20,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from megagpt.errors import ConfigError
+from megagpt.data.spec import parse_blend, parse_split
+from megagpt.errors import ConfigError, UserError
 
 
 def option(default: Any, help: str):
@@ -379,13 +380,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             "data.path is not set; give a dataset prefix (tools/preprocess_data.py makes one) "
             "or set data.synthetic=true",
         )
-        if isinstance(d.path, list):
-            problems.extend(_blend_problems(d.path))
-    problems.extend(_split_problems(d.split))
-    if t.eval_iters > 0 and not d.synthetic and not problems:
-        weights = split_weights(d.split)
+        if d.path is not None:
+            problems.extend(_user_error(parse_blend, d.path))
+    split_problem = _user_error(parse_split, d.split)
+    problems.extend(split_problem)
+    if t.eval_iters > 0 and not d.synthetic and not split_problem:
         check(
-            weights[1] > 0,
+            parse_split(d.split)[1] > 0,
             f"train.eval_iters={t.eval_iters} needs a validation split, but data.split='{d.split}' "
             f"gives it no documents; give it a share or set train.eval_iters=0",
         )
@@ -411,36 +412,13 @@ def padded_vocab_size(model: ModelConfig, tp: int = 1) -> int:
     return int(math.ceil(model.vocab_size / multiple) * multiple)
 
 
-def split_weights(split: str) -> list[float]:
-    return [float(x) for x in split.split(",")]
-
-
-def _split_problems(split: str) -> list[str]:
-    parts = split.split(",")
+def _user_error(parse, value) -> list[str]:
+    """[] when parse(value) succeeds, else its one-sentence message (without the final period)."""
     try:
-        weights = [float(x) for x in parts]
-    except ValueError:
-        weights = []
-    if len(parts) != 3 or len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
-        return [
-            f"data.split='{split}' must be three non-negative numbers train,valid,test with a positive sum, "
-            f"e.g. '969,30,1'"
-        ]
+        parse(value)
+    except UserError as e:
+        return [str(e).rstrip(".")]
     return []
-
-
-def _blend_problems(path: list) -> list[str]:
-    pairs_ok = len(path) >= 2 and len(path) % 2 == 0
-    weights, prefixes = path[0::2], path[1::2]
-    if (
-        pairs_ok
-        and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights)
-        and all(isinstance(p, str) for p in prefixes)
-    ):
-        return []
-    return [
-        f"data.path={path!r} must be a prefix or a list [weight1, prefix1, weight2, prefix2, ...] with positive weights"
-    ]
 
 
 def _rampup_problems(rampup: list[int], global_batch: int, unit: int) -> list[str]:

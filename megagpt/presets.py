@@ -113,17 +113,17 @@ PRESETS["demo-cpu"] = {
         "dropout": 0.0,
     },
     "train": {
-        "iters": 600,
+        "iters": 250,
         "global_batch_size": 16,
         "micro_batch_size": 8,
-        "eval_interval": 100,
+        "eval_interval": 50,
         "eval_iters": 4,
         "precision": "fp32",
         "device": "cpu",
     },
     "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_iters": 30, "weight_decay": 0.1},
     "data": {"split": "95,5,0"},
-    "logging": {"log_interval": 20},
+    "logging": {"log_interval": 25},
 }
 
 

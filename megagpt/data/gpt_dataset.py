@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from megagpt.data.indexed_dataset import IndexedDataset, create_temp_file
+from megagpt.data.spec import parse_blend, parse_split
 from megagpt.data.tokenizer import VOCAB_SIZE
 from megagpt.errors import DataError
 
@@ -41,23 +42,6 @@ logger = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "valid", "test")
 # Bump when the index-building algorithm changes, so stale caches are not reused.
 _INDEX_VERSION = 1
-
-
-def parse_split(split: str) -> list[float]:
-    """'969,30,1' -> normalized [train, valid, test] weights; missing trailing parts are 0."""
-    parts = [p.strip() for p in str(split).replace("/", ",").split(",")]
-    try:
-        weights = [float(p) for p in parts]
-    except ValueError:
-        weights = []
-    if not 1 <= len(weights) <= 3 or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise DataError(
-            f"data.split {split!r} is not valid; give up to three non-negative train,valid,test weights "
-            "with a positive sum, like '969,30,1'."
-        )
-    weights += [0.0] * (3 - len(weights))
-    total = sum(weights)
-    return [w / total for w in weights]
 
 
 def split_documents(num_documents: int, split: str) -> list[tuple[int, int]]:
@@ -289,37 +273,6 @@ class SyntheticDataset(Dataset):
         # A fresh generator per sample (seed mixed with a large prime) makes samples independent of access order.
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + i) % 2**63)
         return torch.randint(0, self.vocab_size, (self.seq_length + 1,), generator=generator, dtype=torch.int64)
-
-
-def parse_blend(path: str | Sequence) -> list[tuple[float, str]]:
-    """data.path -> [(weight, prefix), ...]: a prefix string, or a list [w1, prefix1, w2, prefix2, ...]."""
-    if isinstance(path, (str, os.PathLike)):
-        return [(1.0, os.fspath(path))]
-    items = list(path)
-    if len(items) == 1 and isinstance(items[0], (str, os.PathLike)):
-        return [(1.0, os.fspath(items[0]))]
-    if not items or len(items) % 2:
-        raise DataError(
-            f"data.path {items!r} is neither a prefix nor a blend; "
-            "write a blend as [weight1, prefix1, weight2, prefix2, ...]."
-        )
-    blend = []
-    for raw_weight, prefix in zip(items[0::2], items[1::2]):
-        try:
-            weight = float(raw_weight)
-        except (TypeError, ValueError):
-            weight = -1.0
-        if not math.isfinite(weight) or weight < 0 or not isinstance(prefix, (str, os.PathLike)):
-            raise DataError(
-                f"data.path entry ({raw_weight!r}, {prefix!r}) is not (weight, prefix); write a blend as "
-                "[weight1, prefix1, weight2, prefix2, ...] with non-negative weights."
-            )
-        blend.append((weight, os.fspath(prefix)))
-    if sum(w for w, _ in blend) <= 0:
-        raise DataError(
-            f"data.path blend weights {[w for w, _ in blend]} sum to zero; give some dataset a positive weight."
-        )
-    return blend
 
 
 def build_datasets(

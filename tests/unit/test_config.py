@@ -69,7 +69,7 @@ def test_validate_names_every_offending_value():
         ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1)"),
         ("optim.min_lr=1.0", "optim.min_lr=1.0 must be between 0"),
         ("optim.warmup_iters=50", "decay must end after warm-up"),
-        ("data.split=90,10", "data.split='90,10' must be three"),
+        ("data.split=90,x,10", "data.split '90,x,10' is not valid"),
         ("train.batch_rampup=[2,4,100]", "not a multiple of increment 4"),
         ("train.batch_rampup=[3,5,100]", "must be multiples of micro_batch_size * dp"),
         ("train.precision=fp16", "fp16 needs the dynamic loss scaler"),
@@ -83,7 +83,7 @@ def test_validate_rejects_impossible_values(override, expected):
 
 
 def test_data_blend_and_validation_split_checks():
-    assert "must be a prefix or a list [weight1, prefix1" in _problems("data.synthetic=false", "data.path=[0.5,a,b]")
+    assert "is neither a prefix nor a blend" in _problems("data.synthetic=false", "data.path=[0.5,a,b]")
     assert "needs a validation split" in _problems("data.synthetic=false", "data.path=x", "data.split=1,0,0")
 
 
