@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megagpt.config import load_config, validate
+import torch
+
+from megagpt.config import data_parallel_size, load_config, validate
 from megagpt.errors import UserError
-from megagpt.launch import discover_launch, resolve_device
+from megagpt.launch import discover_launch, resolve_device, set_cpu_threads
 from megagpt.log import get_logger, setup_logging
 from megagpt.parallel.context import ParallelContext
+from megagpt.parallel.topology import Topology
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,12 +34,26 @@ def main(argv: list[str] | None = None):
         cfg = load_config(args.config, args.overrides)
         validate(cfg, launch.world_size)
         device = resolve_device(cfg.train.device, launch.local_rank)
-        get_logger().info(f"launched by {launch.source}: rank {launch.rank} of {launch.world_size}")
-        ctx = ParallelContext.single_process(device)
+        if device.type == "cpu":
+            set_cpu_threads(launch.local_world_size)
+        topology = Topology(cfg.parallel.tp, data_parallel_size(cfg, launch.world_size), cfg.parallel.pp)
+        if launch.world_size == 1:
+            ctx = ParallelContext.single_process(device)
+        else:
+            ctx = ParallelContext.initialize(topology, launch.rank, device)
+        setup_logging(launch.rank, ctx.coords)
+        get_logger().info(
+            f"launched by {launch.source}: rank {launch.rank} of {launch.world_size}, "
+            f"layout tp={topology.tp} dp={topology.dp} pp={topology.pp}"
+        )
 
         from megagpt.train.pretrain import pretrain  # after validation: heavy imports only for a valid run
 
-        return pretrain(cfg, ctx)
+        try:
+            return pretrain(cfg, ctx)
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

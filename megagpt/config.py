@@ -58,6 +58,7 @@ class ParallelConfig:
     sequence_parallel: bool = option(False, "shard LayerNorm/dropout regions along the sequence across tp")
     zero: int = option(0, "ZeRO stage: 0 (none) or 1 (optimizer state sharded across dp)")
     recompute: Literal["none", "selective", "full"] = option("none", "activation recomputation")
+    grad_bucket_mb: float = option(25.0, "size of the data-parallel gradient buckets reduced during backward")
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,11 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
     for item in overrides:
         section, key, value = _parse_override(item)
         merged.setdefault(section, {})[key] = value
-    sections = {name: _build_section(name, cls, merged.get(name, {})) for name, cls in SECTIONS.items()}
+    # Report every unknown key and wrong type at once, not just the first.
+    problems: list[str] = []
+    sections = {name: _build_section(name, cls, merged.get(name, {}), problems) for name, cls in SECTIONS.items()}
+    if problems:
+        raise ConfigError(" ".join(f"{msg}." for msg in problems) if len(problems) > 1 else problems[0])
     return Config(**sections)
 
 
@@ -191,14 +196,19 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     return section, key, _Raw(value)
 
 
-def _build_section(name: str, cls: type, values: dict):
+def _build_section(name: str, cls: type, values: dict, problems: list[str]):
+    """The section's dataclass from its values; each unknown key or wrong type is appended to problems."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"unknown config key '{name}.{key}'; {name} allows: {', '.join(sorted(known))}")
-        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+            problems.append(f"unknown config key '{name}.{key}'; {name} allows: {', '.join(sorted(known))}")
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        except ConfigError as e:
+            problems.append(str(e))
     return cls(**kwargs)
 
 
@@ -326,22 +336,29 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"launch a multiple of {p.tp * p.pp} processes",
         )
     dp = data_parallel_size(cfg, world_size) if p.tp >= 1 and p.pp >= 1 else 1
-    # The layout keys exist so configs are stable; the parallel engines land in their own issues.
-    # Until then, refuse them loudly rather than train a different layout than the one asked for.
+    if p.tp >= 1 and m.num_heads >= 1:
+        check(
+            m.num_heads % p.tp == 0,
+            f"parallel.tp={p.tp} does not divide model.num_heads={m.num_heads}; each tensor-parallel rank needs "
+            f"whole heads, so pick a tp that divides {m.num_heads}",
+        )
+    if p.sequence_parallel and p.tp >= 1:
+        check(
+            m.seq_length % p.tp == 0,
+            f"parallel.sequence_parallel shards the sequence, but parallel.tp={p.tp} does not divide "
+            f"model.seq_length={m.seq_length}",
+        )
+    check(p.grad_bucket_mb > 0, f"parallel.grad_bucket_mb={p.grad_bucket_mb} must be positive")
+    # These keys exist so configs are stable; their engines land in their own issues. Until then, refuse them
+    # loudly rather than train a different layout than the one asked for.
     unsupported = {
-        "parallel.tp": p.tp != 1,
         "parallel.pp": p.pp != 1,
         "parallel.vpp": p.vpp != 1,
-        "parallel.sequence_parallel": p.sequence_parallel,
         "parallel.zero": p.zero != 0,
         "parallel.recompute": p.recompute != "none",
     }
     for key, used in unsupported.items():
-        check(not used, f"{key} is not supported yet in this version; train with the single-process layout")
-    check(
-        world_size == 1,
-        f"launched {world_size} processes, but this version trains one process only; launch one process",
-    )
+        check(not used, f"{key} is not supported yet in this version; leave it at its default")
 
     for key in ("iters", "global_batch_size", "micro_batch_size"):
         check(getattr(t, key) >= 1, f"train.{key}={getattr(t, key)} must be at least 1")
@@ -351,7 +368,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size * dp = "
             f"{t.micro_batch_size} * {dp}; make it a multiple of {t.micro_batch_size * dp}",
         )
-    if t.batch_rampup is not None:
+    if t.batch_rampup is not None and t.micro_batch_size >= 1 and dp >= 1:
         problems.extend(_rampup_problems(t.batch_rampup, t.global_batch_size, t.micro_batch_size * dp))
     check(
         t.precision != "fp16",

@@ -21,6 +21,7 @@ class LaunchInfo:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int  # processes on this node
     source: str  # "single process" or "torchrun"
 
 
@@ -37,7 +38,7 @@ def discover_launch(env: dict | None = None) -> LaunchInfo:
     env = dict(os.environ) if env is None else env
     present = [name for name in TORCHRUN_VARS if name in env]
     if not present:
-        return LaunchInfo(rank=0, world_size=1, local_rank=0, source="single process")
+        return LaunchInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, source="single process")
     if len(present) != len(TORCHRUN_VARS):
         missing = [name for name in TORCHRUN_VARS if name not in env]
         raise UserError(
@@ -47,7 +48,8 @@ def discover_launch(env: dict | None = None) -> LaunchInfo:
     rank, world_size, local_rank = (_int_env(env, name) for name in TORCHRUN_VARS)
     if not 0 <= rank < world_size:
         raise UserError(f"RANK={rank} is outside WORLD_SIZE={world_size}; fix the launch command")
-    return LaunchInfo(rank=rank, world_size=world_size, local_rank=local_rank, source="torchrun")
+    local_world_size = _int_env(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world_size
+    return LaunchInfo(rank, world_size, local_rank, local_world_size, source="torchrun")
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
@@ -58,3 +60,9 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def set_cpu_threads(local_world_size: int) -> None:
+    """Share the node's cores among its processes, so N ranks on one CPU do not oversubscribe it."""
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // local_world_size))

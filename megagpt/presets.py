@@ -9,7 +9,8 @@ The paper's schedule, as the presets encode it:
   - batch size ramped up linearly from 32k tokens (16 sequences) to the full batch over the first few
     billion tokens. The paper says "4-12 billion tokens, depending on the model size" without a table;
     we use 4B up to 1.3B, 8B for 2.7B to 13B and 12B for 175B (Megatron-LM's 175B example uses 12B too).
-Iteration counts are those token budgets divided by the full batch's tokens.
+Iteration counts are planned through the ramp-up (megagpt/train/schedules.py): train.iters is the step at which
+300B tokens have been consumed, warmup_iters the step at 375M tokens, decay_iters the step at 260B tokens.
 
 Two of the table's rows contradict themselves, and we follow the reading that matches the stated size:
   - 13B uses d_model 5120, not 5140: 40 heads do not divide 5140 (a typo), and 5120 gives 13B parameters.
@@ -41,7 +42,13 @@ GPT3_SIZES: dict[str, tuple[float, int, int, int, int, float, float]] = {
 
 
 def _gpt3_preset(layers: int, hidden: int, heads: int, batch: int, lr: float, rampup_tokens: float) -> dict:
-    batch_tokens = batch * SEQ
+    from megagpt.train.schedules import steps_to_consume
+
+    rampup = [RAMPUP_START, RAMPUP_START, round(rampup_tokens / SEQ)]
+
+    def steps_for(tokens: float) -> int:
+        return steps_to_consume(tokens / SEQ, batch, rampup)
+
     return {
         "model": {
             "num_layers": layers,
@@ -54,10 +61,10 @@ def _gpt3_preset(layers: int, hidden: int, heads: int, batch: int, lr: float, ra
             "dropout": 0.1,
         },
         "train": {
-            "iters": round(TRAIN_TOKENS / batch_tokens),
+            "iters": steps_for(TRAIN_TOKENS),
             "global_batch_size": batch,
             "micro_batch_size": 1,
-            "batch_rampup": [RAMPUP_START, RAMPUP_START, round(rampup_tokens / SEQ)],
+            "batch_rampup": rampup,
             "precision": "bf16",
             "eval_interval": 1000,
             "eval_iters": 10,
@@ -65,8 +72,8 @@ def _gpt3_preset(layers: int, hidden: int, heads: int, batch: int, lr: float, ra
         "optim": {
             "lr": lr,
             "min_lr": lr / 10,
-            "warmup_iters": round(WARMUP_TOKENS / batch_tokens),
-            "decay_iters": round(DECAY_TOKENS / batch_tokens),
+            "warmup_iters": steps_for(WARMUP_TOKENS),
+            "decay_iters": steps_for(DECAY_TOKENS),
             "weight_decay": 0.1,
             "clip_grad": 1.0,
             "beta1": 0.9,

@@ -9,11 +9,14 @@ of model.local_window keys), so the GPT-3 default [dense, local] makes layer 0 d
 
 Tensor parallelism: heads and the MLP's 4h width are split across the tp group (shapes below show /tp);
 the vocabulary is padded to a multiple of make_vocab_size_divisible_by * tp and the padded logits never
-enter the softmax. With a group of one rank everything is the plain single-GPU model.
+enter the softmax. Sequence parallelism additionally keeps the residual stream, LayerNorms and dropouts
+sharded along the sequence, (b, s/tp, h), between the tensor-parallel blocks. With a group of one rank
+everything is the plain single-GPU model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -22,9 +25,16 @@ import torch.nn.functional as F
 
 from megagpt.config import ModelConfig, max_positions, padded_vocab_size
 from megagpt.model.attention import causal_attention
-from megagpt.parallel.comm import copy_to_group
+from megagpt.parallel.comm import copy_to_group, gather_from_group, gather_from_sequence, scatter_to_sequence
 from megagpt.parallel.context import Group
-from megagpt.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megagpt.parallel.random import TensorParallelRNG
+from megagpt.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    mark_sequence_parallel,
+    vocab_parallel_cross_entropy,
+)
 
 
 def layer_attention_window(cfg: ModelConfig, layer: int) -> int | None:
@@ -34,8 +44,9 @@ def layer_attention_window(cfg: ModelConfig, layer: int) -> int | None:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group):
+    def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group, sp: bool, split_rng):
         super().__init__()
+        self.split_rng = split_rng  # dropout on this rank's heads draws from the tp stream
         self.heads = cfg.num_heads // tp_group.size  # heads on this rank
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.window = layer_attention_window(cfg, layer)
@@ -43,77 +54,134 @@ class SelfAttention(nn.Module):
         h = cfg.hidden_size
         # Fused q, k, v with the output laid out per head as [q | k | v] (Megatron's layout), so a contiguous
         # tp slice of the 3h outputs holds whole heads.
-        self.qkv = ColumnParallelLinear(h, 3 * h, tp_group, bias=cfg.qkv_bias, init_std=cfg.init_std)
-        self.proj = RowParallelLinear(h, h, tp_group, bias=True, init_std=residual_init_std(cfg))
+        self.qkv = ColumnParallelLinear(
+            h, 3 * h, tp_group, bias=cfg.qkv_bias, init_std=cfg.init_std, sequence_parallel=sp
+        )
+        self.proj = RowParallelLinear(h, h, tp_group, bias=True, init_std=residual_init_std(cfg), sequence_parallel=sp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, self.heads, 3, self.head_dim)  # (b, s, heads/tp, 3, d)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, h), or (b, s/tp, h) with sequence parallelism
+        y = self.attend(self.qkv(x))  # the column-parallel qkv gathers the sequence: (b, s, 3h/tp) -> (b, s, h/tp)
+        return self.proj(y)  # (b, s, h), or (b, s/tp, h) reduce-scattered
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(b, s, 3h/tp) fused projections of this rank's heads -> (b, s, h/tp) attention output."""
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, self.heads, 3, self.head_dim)  # (b, s, heads/tp, 3, d)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # each (b, heads/tp, s, d)
         dropout_p = self.dropout if self.training else 0.0
-        y = causal_attention(q, k, v, window=self.window, dropout_p=dropout_p)  # (b, heads/tp, s, d)
-        y = y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)  # (b, s, h/tp)
-        return self.proj(y)  # (b, s, h)
+        with self.split_rng():
+            y = causal_attention(q, k, v, window=self.window, dropout_p=dropout_p)  # (b, heads/tp, s, d)
+        return y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group: Group):
+    def __init__(self, cfg: ModelConfig, tp_group: Group, sp: bool):
         super().__init__()
         h = cfg.hidden_size
-        self.fc = ColumnParallelLinear(h, 4 * h, tp_group, bias=True, init_std=cfg.init_std)
-        self.proj = RowParallelLinear(4 * h, h, tp_group, bias=True, init_std=residual_init_std(cfg))
+        self.fc = ColumnParallelLinear(h, 4 * h, tp_group, bias=True, init_std=cfg.init_std, sequence_parallel=sp)
+        self.proj = RowParallelLinear(
+            4 * h, h, tp_group, bias=True, init_std=residual_init_std(cfg), sequence_parallel=sp
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, h)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, h) or (b, s/tp, h)
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # fc: (b, s, 4h/tp)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group):
+    def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group, sp: bool, split_rng, residual_rng):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.attn = SelfAttention(cfg, layer, tp_group)
+        self.attn = SelfAttention(cfg, layer, tp_group, sp, split_rng)
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.mlp = MLP(cfg, tp_group)
+        self.mlp = MLP(cfg, tp_group, sp)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.residual_rng = residual_rng
+        mark_sequence_parallel(self.ln_1, sp)
+        mark_sequence_parallel(self.ln_2, sp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, h)
-        x = x + self.dropout(self.attn(self.ln_1(x)))
-        x = x + self.dropout(self.mlp(self.ln_2(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, h), or (b, s/tp, h) with sequence parallelism
+        with self.residual_rng():
+            x = x + self.dropout(self.attn(self.ln_1(x)))
+        with self.residual_rng():
+            x = x + self.dropout(self.mlp(self.ln_2(x)))
         return x
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group: Group):
+    """The decoder on one tensor-parallel rank.
+
+    tp_group: the ranks that split each layer (a group of one rank: the whole model here).
+    sequence_parallel: keep the residual stream sharded along the sequence between blocks.
+    rng: the two dropout streams (megagpt/parallel/random.py); needed when the layers are split, since
+        dropout must then differ across ranks in split regions and agree in replicated ones.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp_group: Group,
+        *,
+        sequence_parallel: bool = False,
+        rng: TensorParallelRNG | None = None,
+    ):
         super().__init__()
-        if tp_group.size > 1:
-            # The layers split; the vocab-parallel cross entropy that tp > 1 needs is not written yet.
-            raise ValueError("GPT with a tensor-parallel group of more than one rank is not supported yet")
+        if rng is None and tp_group.size > 1:
+            raise ValueError("a tensor-parallel GPT needs a TensorParallelRNG for its dropout streams")
         self.cfg = cfg
         self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and tp_group.size > 1
         self.vocab_size = cfg.vocab_size
         self.padded_vocab_size = padded_vocab_size(cfg, tp_group.size)
-        self.wte = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size, tp_group, init_std=cfg.init_std)
+        split_rng = rng.fork if rng is not None else contextlib.nullcontext
+        # The residual stream is split across tp ranks only under sequence parallelism.
+        residual_rng = split_rng if self.sequence_parallel else contextlib.nullcontext
+        self.residual_rng = residual_rng
+
+        self.wte = VocabParallelEmbedding(
+            self.vocab_size, self.padded_vocab_size, cfg.hidden_size, tp_group, init_std=cfg.init_std
+        )
         self.wpe = nn.Embedding(max_positions(cfg), cfg.hidden_size)
         nn.init.normal_(self.wpe.weight, mean=0.0, std=cfg.init_std)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, layer, tp_group) for layer in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(
+            Block(cfg, layer, tp_group, self.sequence_parallel, split_rng, residual_rng)
+            for layer in range(cfg.num_layers)
+        )
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        mark_sequence_parallel(self.ln_f, self.sequence_parallel)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (b, s) -> logits (b, s, vocab_size), or with labels (b, s) the mean cross entropy."""
         _, s = tokens.shape
         positions = torch.arange(s, device=tokens.device)
-        x = self.drop(self.wte(tokens) + self.wpe(positions))  # (b, s, h)
+        x = self.wte(tokens) + self.wpe(positions)  # (b, s, h)
+        if self.sequence_parallel:
+            x = scatter_to_sequence(x, self.tp_group)  # (b, s/tp, h)
+        with self.residual_rng():
+            x = self.drop(x)
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
-        # Output layer tied to the token embedding: (b, s, h) @ (h, V) -> (b, s, V). The padded vocabulary
-        # rows are not tokens, so they are left out of the matmul and never enter the softmax.
-        logits = F.linear(copy_to_group(x, self.tp_group), self.wte.weight[: self.vocab_size])
+        # The output layer is tied to the token embedding: every rank multiplies the full sequence by its
+        # vocabulary slice, (b, s, h) @ (h, V/tp) -> (b, s, V/tp).
+        x = gather_from_sequence(x, self.tp_group) if self.sequence_parallel else copy_to_group(x, self.tp_group)
+        if self.tp_group.size == 1:
+            # The padded vocabulary rows are not tokens: leave them out of the matmul and the softmax.
+            logits = F.linear(x, self.wte.weight[: self.vocab_size])
+            if labels is None:
+                return logits
+            # Softmax and loss in fp32 whatever the compute precision.
+            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+        logits = F.linear(x, self.wte.weight).float()  # (b, s, V_padded/tp)
+        vocab_ids = torch.arange(self.wte.vocab_start, self.wte.vocab_end, device=logits.device)
+        logits = logits.masked_fill(vocab_ids >= self.vocab_size, float("-inf"))  # padding gets no probability
         if labels is None:
-            return logits
-        # Softmax and loss in fp32 whatever the compute precision.
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+            return gather_from_group(logits, self.tp_group)[..., : self.vocab_size]
+        losses = vocab_parallel_cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), self.wte.vocab_start, self.tp_group
+        )
+        return losses.mean()
 
 
 def residual_init_std(cfg: ModelConfig) -> float:

@@ -1,33 +1,105 @@
-"""Collectives as named autograd pairs (Megatron's mappings), each a no-op on a group of one rank.
+"""Every collective megagpt uses, each a no-op on a group of one rank; the autograd ones as conjugate pairs.
 
-    copy_to_group      forward: identity        backward: all-reduce
-    reduce_from_group  forward: all-reduce      backward: identity
+Tensor parallelism (Megatron's mappings), activations (b, s, h) with the sequence on dim 1:
 
-Column-parallel layers wrap their input in copy_to_group (each rank consumes the full input, so the input's
-gradient is the sum of the ranks' partial gradients); row-parallel layers wrap their output in
-reduce_from_group (each rank holds a partial sum of the output).
+    copy_to_group              forward: identity               backward: all-reduce
+    reduce_from_group          forward: all-reduce             backward: identity
+    gather_from_group          forward: all-gather (last dim)  backward: split (last dim)
+
+Sequence parallelism replaces the all-reduces around each tensor-parallel block:
+
+    scatter_to_sequence        forward: split (seq dim)        backward: all-gather (seq dim)
+    gather_from_sequence       forward: all-gather (seq dim)   backward: reduce-scatter (seq dim)
+    reduce_scatter_to_sequence forward: reduce-scatter (seq)   backward: all-gather (seq dim)
+
+Column-parallel layers consume the full input on every rank, so its gradient is the sum of the ranks' partial
+gradients (copy_to_group / gather_from_sequence); row-parallel layers produce partial sums of the output
+(reduce_from_group / reduce_scatter_to_sequence).
+
+`comm_stats` counts the calls and bytes of each collective in this process, for benchmarks.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 import torch.distributed as dist
 
 from megagpt.parallel.context import Group
 
+comm_stats: dict[str, Counter] = {"calls": Counter(), "bytes": Counter()}
 
-def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """Sum x over the group, in place; returns x."""
+
+def _count(name: str, x: torch.Tensor) -> None:
+    comm_stats["calls"][name] += 1
+    comm_stats["bytes"][name] += x.numel() * x.element_size()
+
+
+def reset_comm_stats() -> None:
+    for counter in comm_stats.values():
+        counter.clear()
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce(x: torch.Tensor, group: Group, op: str = "sum", async_op: bool = False):
+    """Reduce x over the group in place; returns x, or the async work handle when async_op."""
+    if group.size == 1:
+        return None if async_op else x
+    _count("all_reduce", x)
+    work = dist.all_reduce(x, op=_REDUCE_OPS[op], group=group.handle, async_op=async_op)
+    return work if async_op else x
+
+
+def all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    """Concatenate the ranks' x along dim, in rank order."""
+    if group.size == 1:
+        return x
+    _count("all_gather", x)
+    x = x.movedim(dim, 0).contiguous()
+    out = torch.empty((group.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x, group=group.handle)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    """Sum x over the ranks and keep this rank's slice along dim."""
+    if group.size == 1:
+        return x
+    _count("reduce_scatter", x)
+    x = x.movedim(dim, 0).contiguous()
+    out = torch.empty((x.shape[0] // group.size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x, group=group.handle)
+    return out.movedim(0, dim)
+
+
+def split(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    """This rank's slice of x along dim (no communication)."""
+    if group.size == 1:
+        return x
+    return x.chunk(group.size, dim=dim)[group.index].contiguous()
+
+
+def broadcast(x: torch.Tensor, src_index: int, group: Group) -> torch.Tensor:
+    """Overwrite x with the copy held by the group's src_index-th rank."""
     if group.size > 1:
-        dist.all_reduce(x, group=group.handle)
+        _count("broadcast", x)
+        dist.broadcast(x, src=group.ranks[src_index], group=group.handle)
     return x
+
+
+def barrier(group: Group) -> None:
+    if group.size > 1:
+        dist.barrier(group=group.handle)
 
 
 class _CopyToGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return x
+        return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -44,6 +116,50 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None
 
 
+class _GatherFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return split(grad, -1, ctx.group), None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return split(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad, 1, ctx.group), None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter(grad, 1, ctx.group), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad, 1, ctx.group), None
+
+
 def copy_to_group(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Forward identity, backward all-reduce."""
     return x if group.size == 1 else _CopyToGroup.apply(x, group)
@@ -52,3 +168,23 @@ def copy_to_group(x: torch.Tensor, group: Group) -> torch.Tensor:
 def reduce_from_group(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Forward all-reduce, backward identity."""
     return x if group.size == 1 else _ReduceFromGroup.apply(x, group)
+
+
+def gather_from_group(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Forward all-gather along the last dim, backward split."""
+    return x if group.size == 1 else _GatherFromGroup.apply(x, group)
+
+
+def scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """(b, s, h) -> (b, s/tp, h). Forward split, backward all-gather."""
+    return x if group.size == 1 else _ScatterToSequence.apply(x, group)
+
+
+def gather_from_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """(b, s/tp, h) -> (b, s, h). Forward all-gather, backward reduce-scatter."""
+    return x if group.size == 1 else _GatherFromSequence.apply(x, group)
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """(b, s, h) partial sums -> (b, s/tp, h) summed. Forward reduce-scatter, backward all-gather."""
+    return x if group.size == 1 else _ReduceScatterToSequence.apply(x, group)

@@ -6,9 +6,11 @@ an argument; there is no global default to fall back to.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from megagpt.parallel.topology import Topology
 
@@ -54,3 +56,34 @@ class ParallelContext:
     def single_process(device: torch.device | str = "cpu") -> ParallelContext:
         """One process holding the whole model: every group has one rank."""
         return ParallelContext(Topology(1, 1, 1), 0, Group.solo(), Group.solo(), Group.solo(), torch.device(device))
+
+    @staticmethod
+    def initialize(
+        topology: Topology,
+        rank: int,
+        device: torch.device,
+        timeout: datetime.timedelta = datetime.timedelta(minutes=10),
+    ) -> ParallelContext:
+        """Join the default process group (env://: MASTER_ADDR/MASTER_PORT) and build the tp, dp and pp groups.
+
+        Every rank creates every group, in the same order (torch.distributed requires it), and keeps the ones it
+        belongs to. gloo on CPU, nccl on CUDA.
+        """
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, rank=rank, world_size=topology.world_size, timeout=timeout)
+        if dist.get_world_size() != topology.world_size:
+            raise ValueError(f"the process group has {dist.get_world_size()} ranks, the layout {topology.world_size}")
+
+        def my_group(rank_lists: list[list[int]]) -> Group:
+            mine = None
+            for ranks in rank_lists:
+                handle = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
+                if rank in ranks:
+                    mine = Group(tuple(ranks), ranks.index(rank), handle)
+            return mine
+
+        tp = my_group(topology.tp_groups())
+        dp = my_group(topology.dp_groups())
+        pp = my_group(topology.pp_groups())
+        return ParallelContext(topology, rank, tp, dp, pp, torch.device(device))

@@ -1,7 +1,12 @@
 """Tensor-parallel layers (Megatron-style). With a group of one rank they are plain Linear / Embedding.
 
-Weights are initialised as the full matrix from the global RNG and then sliced, so every rank of every
-layout starts from the same model for the same seed.
+Weights are drawn as the full matrix from the global RNG and then sliced, so every layout starts from the same
+model for the same seed. Parameters carry two marks the optimizer side reads:
+
+    param.tensor_parallel = True     this rank holds a slice; the slices, concatenated in rank order along
+                                     param.partition_dim, are the parameter
+    param.sequence_parallel = True   replicated across tp but fed a sequence shard: its gradient is a partial
+                                     sum that must be all-reduced over the tp group (LayerNorms, row biases)
 """
 
 from __future__ import annotations
@@ -10,8 +15,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megagpt.parallel.comm import copy_to_group, reduce_from_group
+from megagpt.parallel.comm import (
+    all_reduce,
+    copy_to_group,
+    gather_from_sequence,
+    reduce_from_group,
+    reduce_scatter_to_sequence,
+)
 from megagpt.parallel.context import Group
+
+
+def divide(n: int, parts: int, what: str) -> int:
+    if n % parts != 0:
+        raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {parts}")
+    return n // parts
 
 
 def _shard_of_full_init(rows: int, cols: int, std: float, dim: int, group: Group) -> torch.Tensor:
@@ -21,52 +38,100 @@ def _shard_of_full_init(rows: int, cols: int, std: float, dim: int, group: Group
     return full.chunk(group.size, dim=dim)[group.index].clone()
 
 
-def _divide(n: int, parts: int, what: str) -> int:
-    if n % parts != 0:
-        raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {parts}")
-    return n // parts
+def mark_tensor_parallel(param: nn.Parameter, partition_dim: int) -> nn.Parameter:
+    param.tensor_parallel = True
+    param.partition_dim = partition_dim
+    return param
+
+
+def mark_sequence_parallel(module: nn.Module, enabled: bool) -> None:
+    """Mark a replicated module's parameters as fed by sequence shards (their grads need a tp all-reduce)."""
+    for param in module.parameters():
+        param.sequence_parallel = enabled
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x A^T + b with A split by output rows: each rank computes out_features / tp of the outputs."""
+    """y = x A^T + b with A split by output rows: each rank computes out_features / tp of the outputs.
 
-    def __init__(self, in_features: int, out_features: int, group: Group, *, bias: bool, init_std: float):
+    With sequence parallelism the input arrives as a sequence shard (b, s/tp, in) and is all-gathered first.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group: Group,
+        *,
+        bias: bool,
+        init_std: float,
+        sequence_parallel: bool = False,
+    ):
         super().__init__()
         self.group = group
-        out_per_rank = _divide(out_features, group.size, "out_features")
-        self.weight = nn.Parameter(_shard_of_full_init(out_features, in_features, init_std, 0, group))
-        self.bias = nn.Parameter(torch.zeros(out_per_rank)) if bias else None
+        self.sequence_parallel = sequence_parallel
+        out_per_rank = divide(out_features, group.size, "out_features")
+        self.weight = mark_tensor_parallel(
+            nn.Parameter(_shard_of_full_init(out_features, in_features, init_std, 0, group)), partition_dim=0
+        )
+        self.bias = mark_tensor_parallel(nn.Parameter(torch.zeros(out_per_rank)), partition_dim=0) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out/tp)
-        return F.linear(copy_to_group(x, self.group), self.weight, self.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in) or (b, s/tp, in) -> (b, s, out/tp)
+        x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_group(x, self.group)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """y = x A^T + b with A split by input columns: each rank holds in_features / tp inputs; outputs are summed."""
+    """y = x A^T + b with A split by input columns: each rank holds in_features / tp inputs; outputs are summed.
 
-    def __init__(self, in_features: int, out_features: int, group: Group, *, bias: bool, init_std: float):
+    With sequence parallelism the sum is a reduce-scatter, leaving each rank its sequence shard (b, s/tp, out).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group: Group,
+        *,
+        bias: bool,
+        init_std: float,
+        sequence_parallel: bool = False,
+    ):
         super().__init__()
         self.group = group
-        _divide(in_features, group.size, "in_features")
-        self.weight = nn.Parameter(_shard_of_full_init(out_features, in_features, init_std, 1, group))
-        # The bias is added once, after the sum over ranks.
+        self.sequence_parallel = sequence_parallel
+        divide(in_features, group.size, "in_features")
+        self.weight = mark_tensor_parallel(
+            nn.Parameter(_shard_of_full_init(out_features, in_features, init_std, 1, group)), partition_dim=1
+        )
+        # The bias is added once, after the sum over ranks, so it is replicated.
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        if self.bias is not None:
+            self.bias.sequence_parallel = sequence_parallel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in/tp) -> (..., out)
-        y = reduce_from_group(F.linear(x, self.weight), self.group)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in/tp) -> (b, s, out) or (b, s/tp, out)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_to_sequence(y, self.group) if self.sequence_parallel else reduce_from_group(y, self.group)
         return y + self.bias if self.bias is not None else y
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Token embedding with the (padded) vocabulary split into contiguous ranges, one per tp rank."""
+    """Token embedding with the padded vocabulary split into contiguous row ranges, one per tp rank.
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, group: Group, *, init_std: float):
+    Rows past the real vocabulary are padding: zero, never looked up, excluded from the logits' softmax.
+    """
+
+    def __init__(self, vocab_size: int, padded_vocab_size: int, embedding_dim: int, group: Group, *, init_std: float):
         super().__init__()
         self.group = group
-        per_rank = _divide(num_embeddings, group.size, "padded vocabulary")
+        per_rank = divide(padded_vocab_size, group.size, "padded vocabulary")
         self.vocab_start = group.index * per_rank
         self.vocab_end = self.vocab_start + per_rank
-        self.weight = nn.Parameter(_shard_of_full_init(num_embeddings, embedding_dim, init_std, 0, group))
+        # Draw only the real rows, so the init does not depend on how much padding the layout needs.
+        full = torch.zeros(padded_vocab_size, embedding_dim)
+        nn.init.normal_(full[:vocab_size], mean=0.0, std=init_std)
+        self.weight = mark_tensor_parallel(
+            nn.Parameter(full[self.vocab_start : self.vocab_end].clone()), partition_dim=0
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (b, s) -> (b, s, h)
         if self.group.size == 1:
@@ -76,3 +141,48 @@ class VocabParallelEmbedding(nn.Module):
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_group(out, self.group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross entropy over logits split along the vocabulary, without gathering them.
+
+    loss = log(sum_v exp(z_v - m)) + m - z_label, with the max m, the sum and z_label each all-reduced over tp.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start, group):  # logits (n, V/tp) fp32, labels (n,)
+        logits_max = logits.max(dim=-1).values
+        all_reduce(logits_max, group, op="max")
+        shifted = logits - logits_max.unsqueeze(-1)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        all_reduce(sum_exp, group)
+
+        local_labels = labels - vocab_start
+        owned = (local_labels >= 0) & (local_labels < logits.shape[-1])
+        local_labels = local_labels.masked_fill(~owned, 0)
+        label_logit = shifted.gather(-1, local_labels.unsqueeze(-1)).squeeze(-1).masked_fill(~owned, 0.0)
+        all_reduce(label_logit, group)
+
+        loss = sum_exp.log() - label_logit
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_labels, owned)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # (n,)
+        softmax, local_labels, owned = ctx.saved_tensors
+        grad = softmax  # d loss / d z = softmax - onehot(label), on the columns this rank owns
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, local_labels] -= owned.to(grad.dtype)
+        return grad.mul_(grad_loss.unsqueeze(-1)), None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group: Group
+) -> torch.Tensor:
+    """Per-token loss (n,) from this rank's logits (n, V/tp) for vocabulary ids [vocab_start, vocab_start + V/tp).
+
+    Columns the caller wants excluded (vocabulary padding) must be -inf: they then get zero probability.
+    """
+    return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, group)

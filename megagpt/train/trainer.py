@@ -2,6 +2,8 @@
 
 Samples are read in order from the (already shuffled) training dataset: step n consumes the next
 global_batch_size samples, whatever the layout, so the data a step sees depends only on the seed and the step.
+Micro-batch i of a step is the samples [i * mbs * dp, (i + 1) * mbs * dp) of that global batch, and data-parallel
+rank d takes the d-th run of mbs samples of it (Megatron's pretraining sampler).
 """
 
 from __future__ import annotations
@@ -14,15 +16,25 @@ from dataclasses import dataclass, field
 import torch
 
 from megagpt.config import Config
-from megagpt.errors import UserError
+from megagpt.errors import DataError, UserError
+from megagpt.parallel.comm import all_reduce
 from megagpt.parallel.context import ParallelContext
+from megagpt.parallel.data_parallel import GradBuckets
+from megagpt.train.grads import allreduce_sequence_parallel_grads, clip_grads, global_grad_norm
 from megagpt.train.metrics import MetricsWriter
 from megagpt.train.schedules import global_batch_size, learning_rate
 
 
-def read_batch(dataset, start: int, count: int, device: torch.device) -> torch.Tensor:
-    """Samples start .. start+count-1 stacked: (count, seq_length + 1) token ids."""
-    return torch.stack([dataset[i] for i in range(start, start + count)]).to(device, non_blocking=True)
+def read_batch(dataset, start: int, count: int, vocab_size: int) -> torch.Tensor:
+    """Samples start .. start+count-1 stacked: (count, seq_length + 1) token ids, checked against the vocabulary."""
+    tokens = torch.stack([dataset[i] for i in range(start, start + count)])
+    if int(tokens.max()) >= vocab_size or int(tokens.min()) < 0:
+        bad = int(tokens.max()) if int(tokens.max()) >= vocab_size else int(tokens.min())
+        raise DataError(
+            f"samples {start}..{start + count - 1} hold token id {bad}, outside model.vocab_size={vocab_size}; "
+            f"the dataset was tokenized with another vocabulary, so re-tokenize it or set model.vocab_size"
+        )
+    return tokens
 
 
 @dataclass
@@ -34,12 +46,21 @@ class TrainState:
 
 class Trainer:
     def __init__(
-        self, cfg: Config, ctx: ParallelContext, model, optimizer, train_data, valid_data, metrics: MetricsWriter | None
+        self,
+        cfg: Config,
+        ctx: ParallelContext,
+        model,
+        optimizer,
+        grads: GradBuckets,
+        train_data,
+        valid_data,
+        metrics: MetricsWriter | None,
     ):
         self.cfg = cfg
         self.ctx = ctx
         self.model = model
         self.optimizer = optimizer
+        self.grads = grads
         self.train_data = train_data
         self.valid_data = valid_data
         self.metrics = metrics
@@ -51,34 +72,44 @@ class Trainer:
             return torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def micro_batches(self, dataset, first_sample: int, num_samples: int):
+        """This dp rank's micro-batches of the samples [first_sample, first_sample + num_samples)."""
+        micro, dp = self.cfg.train.micro_batch_size, self.ctx.dp_group.size
+        for start in range(first_sample, first_sample + num_samples, micro * dp):
+            tokens = read_batch(dataset, start + self.ctx.dp_group.index * micro, micro, self.cfg.model.vocab_size)
+            yield tokens.to(self.ctx.device, non_blocking=True)
+
     def train_step(self) -> tuple[float, float, float, int]:
         """One optimizer step; returns (mean loss, grad norm before clipping, lr, samples consumed)."""
-        cfg = self.cfg
+        cfg, ctx = self.cfg, self.ctx
         self.model.train()
         batch = global_batch_size(self.state.consumed_samples, cfg.train)
-        micro = cfg.train.micro_batch_size
-        num_micro_batches = batch // micro
-        total_loss = torch.zeros((), device=self.ctx.device)
-        for i in range(num_micro_batches):
-            tokens = read_batch(self.train_data, self.state.consumed_samples + i * micro, micro, self.ctx.device)
+        num_micro_batches = batch // (cfg.train.micro_batch_size * ctx.dp_group.size)
+        total_loss = torch.zeros((), device=ctx.device)
+        for i, tokens in enumerate(self.micro_batches(self.train_data, self.state.consumed_samples, batch)):
+            self.grads.reduce_this_backward(i == num_micro_batches - 1)
             with self.autocast():
                 loss = self.model(tokens[:, :-1], tokens[:, 1:])  # mean over the micro-batch's tokens
-            # Every micro-batch has the same number of tokens, so the mean of means is the batch mean.
+            # Every micro-batch has the same number of tokens, so the mean of means is the batch mean;
+            # the dp average happens in the gradient reduction.
             (loss / num_micro_batches).backward()
             total_loss += loss.detach()
-        mean_loss = (total_loss / num_micro_batches).item()
+        mean_loss = all_reduce(total_loss, ctx.dp_group).item() / (num_micro_batches * ctx.dp_group.size)
         if not math.isfinite(mean_loss):
             raise UserError(
                 f"the training loss became {mean_loss} at step {self.state.step + 1}; lower optim.lr, keep "
                 f"optim.clip_grad on, or use train.precision=fp32"
             )
-        max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True).item()
+        self.grads.finish()
+        allreduce_sequence_parallel_grads(self.params, ctx.tp_group)
+        grad_norm = global_grad_norm(self.params, ctx.tp_group)
+        if cfg.optim.clip_grad > 0:
+            clip_grads(self.params, cfg.optim.clip_grad, grad_norm)
         lr = learning_rate(self.state.step, cfg.optim, cfg.train.iters)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.grads.zero()
         self.state.step += 1
         self.state.consumed_samples += batch
         return mean_loss, grad_norm, lr, batch
@@ -86,17 +117,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first eval_iters global batches of the validation split (the same ones every time)."""
-        cfg = self.cfg
+        cfg, ctx = self.cfg, self.ctx
         self.model.eval()
-        micro = cfg.train.micro_batch_size
-        samples = cfg.train.eval_iters * cfg.train.global_batch_size
-        losses = []
-        for start in range(0, samples, micro):
-            tokens = read_batch(self.valid_data, start, micro, self.ctx.device)
+        total, count = torch.zeros((), device=ctx.device), 0
+        for tokens in self.micro_batches(self.valid_data, 0, cfg.train.eval_iters * cfg.train.global_batch_size):
             with self.autocast():
-                losses.append(self.model(tokens[:, :-1], tokens[:, 1:]).float())
+                total += self.model(tokens[:, :-1], tokens[:, 1:]).float()
+            count += 1
         self.model.train()
-        return torch.stack(losses).mean().item()
+        return all_reduce(total, ctx.dp_group).item() / (count * ctx.dp_group.size)
 
     def should_evaluate(self, step: int) -> bool:
         t = self.cfg.train

@@ -41,6 +41,23 @@ def test_bad_keys_and_types_are_named(raw, overrides, expected):
         config_from_dict(raw, overrides)
 
 
+def test_every_bad_key_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({}, ["model.num_layerz=1", "train.iters=x", "optim.lr=0.1"])
+    assert "unknown config key 'model.num_layerz'" in str(info.value)
+    assert "config key 'train.iters' got 'x'" in str(info.value)
+
+
+def test_degenerate_layouts_are_sentences_not_crashes():
+    # world smaller than tp * pp (dp would be 0) with a batch ramp-up, and a zero micro-batch
+    assert "world size 1 is not divisible by parallel.tp * parallel.pp = 2" in _problems(
+        "parallel.tp=2", "train.batch_rampup=[2,2,10]"
+    )
+    assert "train.micro_batch_size=0 must be at least 1" in _problems(
+        "train.micro_batch_size=0", "train.batch_rampup=[2,2,10]"
+    )
+
+
 def test_missing_config_file_is_one_sentence(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
@@ -73,7 +90,9 @@ def test_validate_names_every_offending_value():
         ("train.batch_rampup=[2,4,100]", "not a multiple of increment 4"),
         ("train.batch_rampup=[3,5,100]", "must be multiples of micro_batch_size * dp"),
         ("train.precision=fp16", "fp16 needs the dynamic loss scaler"),
-        ("parallel.tp=2", "parallel.tp is not supported yet"),
+        ("parallel.pp=2", "parallel.pp is not supported yet"),
+        ("parallel.tp=3", "parallel.tp=3 does not divide model.num_heads=4"),
+        ("parallel.grad_bucket_mb=0", "parallel.grad_bucket_mb=0.0 must be positive"),
         ("checkpoint.dir=ckpt", "checkpoint.dir, checkpoint.load and checkpoint.save_interval are not supported"),
         ("data.synthetic=false", "data.path is not set"),
     ],
@@ -88,7 +107,19 @@ def test_data_blend_and_validation_split_checks():
 
 
 def test_world_size_must_match_layout():
-    assert "launched 2 processes" in _problems(world_size=2)
+    msg = _problems("parallel.tp=2", world_size=3)
+    assert "world size 3 is not divisible by parallel.tp * parallel.pp = 2" in msg
+    assert "sequence_parallel shards the sequence, but parallel.tp=4 does not divide model.seq_length=66" in _problems(
+        "parallel.tp=4",
+        "parallel.sequence_parallel=true",
+        "model.seq_length=66",
+        "model.max_position_embeddings=66",
+        world_size=4,
+    )
+    # dp = 4 / 2 = 2, so micro-batches of 2 need a global batch that 4 divides
+    assert "train.global_batch_size=6 is not divisible by micro_batch_size * dp = 2 * 2" in _problems(
+        "parallel.tp=2", "train.global_batch_size=6", world_size=4
+    )
 
 
 def test_all_shipped_configs_validate():

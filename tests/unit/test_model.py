@@ -123,3 +123,33 @@ def test_tiny_model_overfits_one_batch():
         optimizer.step()
     assert first == pytest.approx(math.log(256), abs=0.1)
     assert loss.item() < 0.2, f"loss {first:.2f} -> {loss.item():.2f}: the model did not memorise one batch"
+
+
+def test_mlp_is_gelu_tanh_of_width_4h():
+    model, cfg = _model()
+    mlp = model.blocks[0].mlp
+    assert mlp.fc.weight.shape == (4 * cfg.hidden_size, cfg.hidden_size)
+    x = torch.randn(2, 5, cfg.hidden_size)
+    hidden = x @ mlp.fc.weight.T + mlp.fc.bias
+    expected = torch.nn.functional.gelu(hidden, approximate="tanh") @ mlp.proj.weight.T + mlp.proj.bias
+    torch.testing.assert_close(mlp(x), expected)
+    exact = torch.nn.functional.gelu(hidden) @ mlp.proj.weight.T + mlp.proj.bias
+    assert not torch.allclose(mlp(x), exact, rtol=0, atol=1e-7)  # the tanh approximation, not erf
+
+
+def test_optimizer_has_gpt3_settings_and_no_decay_on_vectors():
+    from megagpt.train.optimizer import build_optimizer
+
+    model, _ = _model()
+    cfg = tiny_config().optim
+    optimizer = build_optimizer(model, cfg)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert (decay["betas"], decay["eps"]) == ((0.9, 0.95), 1e-8)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert "wte.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed
+    assert "blocks.0.ln_1.weight" in not_decayed and "blocks.0.attn.qkv.bias" in not_decayed
+    assert "ln_f.bias" in not_decayed and "blocks.0.mlp.proj.bias" in not_decayed
+    assert decayed | not_decayed == set(names.values()) and not decayed & not_decayed

@@ -4,6 +4,7 @@ from megagpt.config import config_from_dict, padded_vocab_size, validate
 from megagpt.model.gpt import GPT, num_parameters
 from megagpt.parallel.context import Group
 from megagpt.presets import GPT3_SIZES, PRESETS
+from megagpt.train.schedules import samples_after, total_train_samples
 
 
 @pytest.mark.parametrize("name", list(GPT3_SIZES))
@@ -16,8 +17,16 @@ def test_gpt3_preset_matches_the_paper(name):
     assert cfg.model.attention_pattern == ["dense", "local"]
     assert cfg.optim.lr == lr and cfg.optim.min_lr == pytest.approx(lr / 10)
     assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay) == (0.9, 0.95, 0.1)
-    # 300B tokens of training at the full batch
-    assert cfg.train.iters * cfg.train.global_batch_size * 2048 == pytest.approx(300e9, rel=1e-3)
+    # The paper's token budgets, counted through the batch ramp-up from 32k tokens
+    assert cfg.train.batch_rampup[0] * 2048 == 32768
+    t = cfg.train
+
+    def tokens_after(steps):
+        return samples_after(steps, t.global_batch_size, t.batch_rampup) * 2048
+
+    assert total_train_samples(t) * 2048 == pytest.approx(300e9, rel=1e-4)
+    assert tokens_after(cfg.optim.warmup_iters) == pytest.approx(375e6, rel=0.01)
+    assert tokens_after(cfg.optim.decay_iters) == pytest.approx(260e9, rel=1e-4)
     assert num_parameters(cfg.model) == pytest.approx(paper_params, rel=0.02)
 
 

@@ -1,0 +1,54 @@
+"""Two random streams per process, so dropout is the same where tensors are replicated and different where split.
+
+    default stream   torch's own generator, seeded with train.seed on every tensor-parallel rank: dropout on
+                     tensors every tp rank holds whole (the residual stream without sequence parallelism)
+                     draws the same mask everywhere, so the replicas stay identical.
+    tp stream        seeded with train.seed + 2718 + tp_rank: dropout on tensors split across the tp ranks
+                     (attention probabilities of each rank's heads; the residual stream's sequence shard under
+                     sequence parallelism) draws independent masks, as one big model would.
+
+`with rng.fork():` runs a block on the tp stream and leaves the default stream where it was (Megatron's
+CudaRNGStatesTracker, for CPU and CUDA alike).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+TP_SEED_OFFSET = 2718  # Megatron's offset, so seeds never collide with the default stream's
+
+
+def _get_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+class TensorParallelRNG:
+    def __init__(self, seed: int, tp_rank: int, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        default = _get_state(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed + TP_SEED_OFFSET + tp_rank)
+        else:
+            torch.manual_seed(seed + TP_SEED_OFFSET + tp_rank)
+        self.tp_state = _get_state(self.device)
+        _set_state(default, self.device)
+
+    @contextlib.contextmanager
+    def fork(self):
+        """Run the block on the tp stream; the default stream is untouched by it."""
+        default = _get_state(self.device)
+        _set_state(self.tp_state, self.device)
+        try:
+            yield
+        finally:
+            self.tp_state = _get_state(self.device)
+            _set_state(default, self.device)

@@ -1,0 +1,49 @@
+"""After backward: finish the gradients across tensor-parallel ranks, then measure and clip their global norm."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megagpt.parallel.comm import all_reduce
+from megagpt.parallel.context import Group
+
+
+def allreduce_sequence_parallel_grads(params: list[torch.nn.Parameter], tp_group: Group) -> None:
+    """Sum, over the tp group, the grads of replicated parameters that each rank fed only a sequence shard."""
+    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if tp_group.size == 1 or not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])  # one collective instead of one per LayerNorm
+    all_reduce(flat, tp_group)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def global_grad_norm(params: list[torch.nn.Parameter], model_parallel_group: Group) -> float:
+    """L2 norm of the whole model's gradient, the same number on every rank.
+
+    A tensor-parallel parameter's slices are disjoint, so each rank counts its own; a replicated parameter is
+    counted once, by the group's first rank. Data-parallel replicas hold identical (reduced) grads and are not
+    summed again.
+    """
+    counted = [
+        p.grad
+        for p in params
+        if p.grad is not None and (getattr(p, "tensor_parallel", False) or model_parallel_group.index == 0)
+    ]
+    square_sum = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    for grad in counted:
+        square_sum += grad.float().pow(2).sum()
+    all_reduce(square_sum, model_parallel_group)
+    return math.sqrt(square_sum.item())
+
+
+def clip_grads(params: list[torch.nn.Parameter], max_norm: float, total_norm: float) -> None:
+    """Scale the grads so their global norm is at most max_norm (torch's clip_grad_norm_ rule)."""
+    coefficient = max_norm / (total_norm + 1e-6)
+    if coefficient < 1.0:
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], coefficient)
