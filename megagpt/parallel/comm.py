@@ -42,6 +42,9 @@ def reset_comm_stats() -> None:
 
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+# torch 2.13 renamed the flat-tensor collectives; keep working on torch >= 2.4.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def all_reduce(x: torch.Tensor, group: Group, op: str = "sum", async_op: bool = False):
@@ -60,7 +63,7 @@ def all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     _count("all_gather", x)
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((group.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group.handle)
+    _all_gather_flat(out, x, group=group.handle)
     return out.movedim(0, dim)
 
 
@@ -71,7 +74,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     _count("reduce_scatter", x)
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((x.shape[0] // group.size, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x, group=group.handle)
+    _reduce_scatter_flat(out, x, group=group.handle)
     return out.movedim(0, dim)
 
 
@@ -95,69 +98,41 @@ def barrier(group: Group) -> None:
         dist.barrier(group=group.handle)
 
 
-class _CopyToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
+def _conjugate_pair(name: str, forward, backward) -> type[torch.autograd.Function]:
+    """An autograd Function doing forward(x, group) in the forward pass and backward(grad, group) in the backward."""
+
+    def forward_pass(ctx, x, group):
         ctx.group = group
-        return x.view_as(x)
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce(grad.contiguous(), ctx.group), None
+    def backward_pass(ctx, grad):
+        return backward(grad, ctx.group), None
 
-
-class _ReduceFromGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce(x.contiguous(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward_pass), "backward": staticmethod(backward_pass)},
+    )
 
 
-class _GatherFromGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return split(grad, -1, ctx.group), None
+def _identity(x, group):
+    return x.view_as(x)  # a new tensor object, so autograd records the Function
 
 
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather(grad, 1, ctx.group), None
+def _sum(x, group):
+    return all_reduce(x.contiguous(), group)
 
 
-class _GatherFromSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter(grad, 1, ctx.group), None
-
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather(grad, 1, ctx.group), None
+_CopyToGroup = _conjugate_pair("CopyToGroup", _identity, _sum)
+_ReduceFromGroup = _conjugate_pair("ReduceFromGroup", _sum, _identity)
+_GatherFromGroup = _conjugate_pair("GatherFromGroup", lambda x, g: all_gather(x, -1, g), lambda d, g: split(d, -1, g))
+_ScatterToSequence = _conjugate_pair("ScatterToSequence", lambda x, g: split(x, 1, g), lambda d, g: all_gather(d, 1, g))
+_GatherFromSequence = _conjugate_pair(
+    "GatherFromSequence", lambda x, g: all_gather(x, 1, g), lambda d, g: reduce_scatter(d, 1, g)
+)
+_ReduceScatterToSequence = _conjugate_pair(
+    "ReduceScatterToSequence", lambda x, g: reduce_scatter(x, 1, g), lambda d, g: all_gather(d, 1, g)
+)
 
 
 def copy_to_group(x: torch.Tensor, group: Group) -> torch.Tensor:

@@ -8,6 +8,10 @@ Example, tp=2, dp=2, pp=2 (8 ranks):
     tp groups: [0, 1] [2, 3] [4, 5] [6, 7]
     dp groups: [0, 2] [1, 3] [4, 6] [5, 7]
     pp groups: [0, 4] [1, 5] [2, 6] [3, 7]
+    embedding groups (first and last pipeline stage, which share the tied embedding): the same as pp here
+
+With pp=4 the pp group [0, 8, 16, 24] has the embedding group [0, 24]; with pp=1 a rank is both stages and
+its embedding group is itself.
 """
 
 from __future__ import annotations
@@ -42,3 +46,7 @@ class Topology:
 
     def pp_groups(self) -> list[list[int]]:
         return [[self.rank(t, d, p) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+
+    def embedding_groups(self) -> list[list[int]]:
+        """First and last stage of each pipeline: they hold the two uses of the tied token embedding."""
+        return [sorted({ranks[0], ranks[-1]}) for ranks in self.pp_groups()]

@@ -27,6 +27,26 @@ def losses(history):
     return [row["loss"] for row in history]
 
 
+def torchrun(nprocs, tmp_path, run_dir, *overrides):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nprocs),
+        str(REPO / "launcher/pretrain.py"),
+        *TINY,
+        f"logging.dir={run_dir}",
+        *overrides,
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -34,21 +54,7 @@ def read_metrics(run_dir):
 def test_torchrun_single_process_matches_plain_python_and_writes_the_run_folder(tmp_path):
     overrides = ["train.iters=6", "train.eval_interval=3", "train.eval_iters=1"]
     run_dir = tmp_path / "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "1",
-        str(REPO / "launcher/pretrain.py"),
-        *TINY,
-        f"logging.dir={run_dir}",
-        *overrides,
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(1, tmp_path, run_dir, *overrides)
     assert "launched by torchrun: rank 0 of 1" in result.stdout
 
     rows = read_metrics(run_dir)
@@ -66,6 +72,25 @@ def test_torchrun_single_process_matches_plain_python_and_writes_the_run_folder(
     plain = run_in_process(tmp_path, *overrides, "logging.log_interval=1")
     assert losses(plain) == pytest.approx([row["loss"] for row in rows], rel=1e-6)
     assert plain[-1]["val_loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-6)
+
+
+def test_torchrun_tensor_sequence_and_data_parallel_matches_one_process(tmp_path):
+    overrides = [
+        "train.iters=4",
+        "model.num_heads=4",
+        "parallel.tp=2",
+        "parallel.sequence_parallel=true",
+        "train.eval_interval=2",
+        "train.eval_iters=1",
+    ]
+    run_dir = tmp_path / "tp2dp2"
+    result = torchrun(4, tmp_path, run_dir, *overrides)
+    assert "layout tp=2 dp=2 pp=1" in result.stdout
+    rows = read_metrics(run_dir)
+    single = run_in_process(tmp_path, *overrides[:2], *overrides[4:], name="single")
+    assert [r["loss"] for r in rows] == pytest.approx(losses(single), rel=1e-5)
+    assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in single], rel=1e-4)
+    assert rows[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-5)
 
 
 def test_gradient_accumulation_and_determinism(tmp_path):
@@ -145,6 +170,21 @@ def cli_error(tmp_path, *args):
 def test_unknown_key_is_one_sentence(tmp_path):
     err = cli_error(tmp_path, *TINY, "model.num_layerz=2")
     assert err.startswith("error: unknown config key 'model.num_layerz'") and "\n" not in err
+
+
+def test_layout_problems_are_named_before_any_group_exists(tmp_path):
+    err = cli_error(tmp_path, *TINY, "parallel.tp=3", "model.num_heads=8")
+    assert "parallel.tp=3 does not divide model.num_heads=8" in err
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launcher/pretrain.py"), *TINY, "parallel.tp=2", f"logging.dir={tmp_path / 'x'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env=env,
+    )  # a world of 3 that tp=2 does not divide: refused before the process group is joined
+    assert result.returncode == 2 and "world size 3 is not divisible by parallel.tp * parallel.pp = 2" in result.stderr
 
 
 def test_config_problems_are_named(tmp_path, capsys):
