@@ -42,6 +42,7 @@ class ParallelContext:
     tp_group: Group
     dp_group: Group
     pp_group: Group
+    embedding_group: Group  # first and last pipeline stage: the two holders of the tied token embedding
     device: torch.device
 
     @property
@@ -55,7 +56,8 @@ class ParallelContext:
     @staticmethod
     def single_process(device: torch.device | str = "cpu") -> ParallelContext:
         """One process holding the whole model: every group has one rank."""
-        return ParallelContext(Topology(1, 1, 1), 0, Group.solo(), Group.solo(), Group.solo(), torch.device(device))
+        solo = Group.solo()
+        return ParallelContext(Topology(1, 1, 1), 0, solo, solo, solo, solo, torch.device(device))
 
     @staticmethod
     def initialize(
@@ -86,4 +88,5 @@ class ParallelContext:
         tp = my_group(topology.tp_groups())
         dp = my_group(topology.dp_groups())
         pp = my_group(topology.pp_groups())
-        return ParallelContext(topology, rank, tp, dp, pp, torch.device(device))
+        embedding = my_group(topology.embedding_groups())
+        return ParallelContext(topology, rank, tp, dp, pp, embedding, torch.device(device))

@@ -34,6 +34,7 @@ class Bucket:
     pending: int = 0  # params whose gradient this backward has not produced yet
     work: object = None  # the in-flight all-reduce
     launched: bool = False
+    launched_after: int = -1  # how many of all the parameters' gradients were ready when it started (observability)
     ready: set = field(default_factory=set)
 
 
@@ -44,6 +45,7 @@ class GradBuckets:
         self.buckets: list[Bucket] = []
         self.bucket_of: dict[torch.nn.Parameter, Bucket] = {}
         self.reduce_now = True
+        self.ready_count = 0  # parameters whose gradient this backward has produced, over all buckets
 
         groups, current, size = [], [], 0
         for param in reversed(self.params):
@@ -81,6 +83,7 @@ class GradBuckets:
         if param in bucket.ready:
             raise RuntimeError("a parameter's gradient was produced twice in one backward; call zero() between steps")
         bucket.ready.add(param)
+        self.ready_count += 1
         bucket.pending -= 1
         if bucket.pending == 0:
             self._launch(bucket)
@@ -90,6 +93,7 @@ class GradBuckets:
         bucket.buffer.div_(self.dp_group.size)
         bucket.work = all_reduce(bucket.buffer, self.dp_group, async_op=True)
         bucket.launched = True
+        bucket.launched_after = self.ready_count
 
     def finish(self) -> None:
         """Wait for every bucket's reduction (starting any whose parameters got no gradient), then expose grads."""
@@ -109,6 +113,7 @@ class GradBuckets:
         self._reset_counts()
 
     def _reset_counts(self) -> None:
+        self.ready_count = 0
         for bucket in self.buckets:
             bucket.pending = len(bucket.params)
             bucket.ready.clear()

@@ -97,7 +97,11 @@ def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir
     buckets.reduce_this_backward(True)
     loss = model(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
-    assert all(b.launched for b in buckets.buckets) or dp == 1  # reductions started inside backward
+    if dp > 1:
+        # Every bucket's reduction started inside backward, the first while most gradients were still to come.
+        assert all(b.launched for b in buckets.buckets)
+        assert buckets.buckets[0].launched_after < len(buckets.params) // 2
+        assert [b.launched_after for b in buckets.buckets] == sorted(b.launched_after for b in buckets.buckets)
     buckets.finish()
     allreduce_sequence_parallel_grads(list(model.parameters()), ctx.tp_group)
     ref_loss = reference(tokens[:, :-1], tokens[:, 1:])
