@@ -44,15 +44,10 @@ def bench_config(args, tp: int, sp: bool):
 def measure(cfg, ctx, steps: int) -> dict:
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.comm import comm_stats, reset_comm_stats
-    from megagpt.parallel.data_parallel import GradBuckets
-    from megagpt.train.optimizer import build_optimizer
-    from megagpt.train.pretrain import build_model
-    from megagpt.train.trainer import Trainer
+    from megagpt.train.pretrain import build_trainer
 
-    model = build_model(cfg, ctx)
-    grads = GradBuckets(model.parameters(), ctx.dp_group, cfg.parallel.grad_bucket_mb * 2**20)
     data = SyntheticDataset(cfg.train.global_batch_size * (steps + 1), cfg.model.seq_length, cfg.model.vocab_size, 0)
-    trainer = Trainer(cfg, ctx, model, build_optimizer(model, cfg.optim), grads, data, None, None)
+    trainer = build_trainer(cfg, ctx, data, None, None)
     trainer.train_step()  # warm-up
     reset_comm_stats()
     times = []

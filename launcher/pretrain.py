@@ -7,6 +7,7 @@ environment) is printed as one sentence and exits with status 2, before anything
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 
 import torch
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None):
         if launch.world_size == 1:
             ctx = ParallelContext.single_process(device)
         else:
-            ctx = ParallelContext.initialize(topology, launch.rank, device)
+            timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+            ctx = ParallelContext.initialize(topology, launch.rank, device, timeout)
         setup_logging(launch.rank, ctx.coords)
         get_logger().info(
             f"launched by {launch.source}: rank {launch.rank} of {launch.world_size}, "

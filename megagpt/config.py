@@ -59,6 +59,7 @@ class ParallelConfig:
     zero: int = option(0, "ZeRO stage: 0 (none) or 1 (optimizer state sharded across dp)")
     recompute: Literal["none", "selective", "full"] = option("none", "activation recomputation")
     grad_bucket_mb: float = option(25.0, "size of the data-parallel gradient buckets reduced during backward")
+    timeout_s: float = option(600.0, "every collective and pipeline send/receive fails after this many seconds")
 
 
 @dataclass(frozen=True)
@@ -351,9 +352,25 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check(p.grad_bucket_mb > 0, f"parallel.grad_bucket_mb={p.grad_bucket_mb} must be positive")
     # These keys exist so configs are stable; their engines land in their own issues. Until then, refuse them
     # loudly rather than train a different layout than the one asked for.
+    check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive")
+    if p.pp >= 1 and p.vpp >= 1:
+        stages = p.pp * p.vpp
+        check(
+            m.num_layers % stages == 0,
+            f"model.num_layers={m.num_layers} does not split into parallel.pp * parallel.vpp = {p.pp} * {p.vpp} = "
+            f"{stages} equal stages; use a layer count that {stages} divides",
+        )
+        check(p.vpp == 1 or p.pp > 1, f"parallel.vpp={p.vpp} interleaves pipeline stages, so it needs parallel.pp > 1")
+        if p.vpp > 1 and t.micro_batch_size >= 1 and dp >= 1:
+            unit = t.micro_batch_size * dp * p.pp
+            batches = [t.global_batch_size] + (list(t.batch_rampup[:2]) if t.batch_rampup else [])
+            check(
+                all(b % unit == 0 for b in batches),
+                f"the interleaved schedule (parallel.vpp={p.vpp}) needs micro-batches per step in multiples of "
+                f"parallel.pp={p.pp}: make train.global_batch_size (and batch_rampup start and increment) "
+                f"multiples of micro_batch_size * dp * pp = {unit}",
+            )
     unsupported = {
-        "parallel.pp": p.pp != 1,
-        "parallel.vpp": p.vpp != 1,
         "parallel.zero": p.zero != 0,
         "parallel.recompute": p.recompute != "none",
     }

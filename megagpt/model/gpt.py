@@ -107,13 +107,30 @@ class Block(nn.Module):
         return x
 
 
-class GPT(nn.Module):
-    """The decoder on one tensor-parallel rank.
+@contextlib.contextmanager
+def seeded(base_seed: int, part: int):
+    """Draw a part's initial weights from its own seed, so a pipeline stage that builds only some parts gets
+    exactly the weights the whole model has there. The global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(base_seed + part)
+        yield
 
-    tp_group: the ranks that split each layer (a group of one rank: the whole model here).
+
+class GPT(nn.Module):
+    """The decoder, or the part of it that one tensor-parallel rank of one pipeline stage holds.
+
+    tp_group: the ranks that split each layer (a group of one rank: whole layers).
+    layers: the global indices of the transformer layers held here (default: all).
+    pre_process: holds the embeddings and takes token ids (the first pipeline stage).
+    post_process: holds the final LayerNorm, the output layer and the loss (the last pipeline stage). A last stage
+        that is not also the first keeps its own copy of the token embedding for the tied output layer, marked
+        `embedding_replica`: its gradient is summed with the first stage's over the embedding group.
     sequence_parallel: keep the residual stream sharded along the sequence between blocks.
     rng: the two dropout streams (megagpt/parallel/random.py); needed when the layers are split, since
         dropout must then differ across ranks in split regions and agree in replicated ones.
+
+    Weights: init_seed (by default a draw from the global RNG) is the base seed, and each part (the embeddings,
+    each layer) is drawn from its own seed derived from it, so every stage and layout builds the same model.
     """
 
     def __init__(
@@ -121,14 +138,20 @@ class GPT(nn.Module):
         cfg: ModelConfig,
         tp_group: Group,
         *,
+        layers: range | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
         sequence_parallel: bool = False,
         rng: TensorParallelRNG | None = None,
+        init_seed: int | None = None,
     ):
         super().__init__()
         if rng is None and tp_group.size > 1:
             raise ValueError("a tensor-parallel GPT needs a TensorParallelRNG for its dropout streams")
         self.cfg = cfg
         self.tp_group = tp_group
+        self.layers = range(cfg.num_layers) if layers is None else layers
+        self.pre_process, self.post_process = pre_process, post_process
         self.sequence_parallel = sequence_parallel and tp_group.size > 1
         self.vocab_size = cfg.vocab_size
         self.padded_vocab_size = padded_vocab_size(cfg, tp_group.size)
@@ -136,32 +159,48 @@ class GPT(nn.Module):
         # The residual stream is split across tp ranks only under sequence parallelism.
         residual_rng = split_rng if self.sequence_parallel else contextlib.nullcontext
         self.residual_rng = residual_rng
+        base_seed = int(torch.randint(0, 2**62, (1,)).item()) if init_seed is None else init_seed
 
-        self.wte = VocabParallelEmbedding(
-            self.vocab_size, self.padded_vocab_size, cfg.hidden_size, tp_group, init_std=cfg.init_std
-        )
-        self.wpe = nn.Embedding(max_positions(cfg), cfg.hidden_size)
-        nn.init.normal_(self.wpe.weight, mean=0.0, std=cfg.init_std)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(cfg, layer, tp_group, self.sequence_parallel, split_rng, residual_rng)
-            for layer in range(cfg.num_layers)
-        )
-        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        mark_sequence_parallel(self.ln_f, self.sequence_parallel)
+        if pre_process or post_process:
+            with seeded(base_seed, 0):
+                self.wte = VocabParallelEmbedding(
+                    self.vocab_size, self.padded_vocab_size, cfg.hidden_size, tp_group, init_std=cfg.init_std
+                )
+                self.wte.weight.embedding_replica = not pre_process
+        if pre_process:
+            with seeded(base_seed, 1):
+                self.wpe = nn.Embedding(max_positions(cfg), cfg.hidden_size)
+                nn.init.normal_(self.wpe.weight, mean=0.0, std=cfg.init_std)
+            self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleDict()
+        for layer in self.layers:
+            with seeded(base_seed, 2 + layer):
+                self.blocks[str(layer)] = Block(cfg, layer, tp_group, self.sequence_parallel, split_rng, residual_rng)
+        if post_process:
+            self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+            mark_sequence_parallel(self.ln_f, self.sequence_parallel)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (b, s) -> logits (b, s, vocab_size), or with labels (b, s) the mean cross entropy."""
-        _, s = tokens.shape
-        positions = torch.arange(s, device=tokens.device)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage: token ids (b, s); later stages: the hidden state (b, s, h), or (b, s/tp, h) with sequence
+        parallelism. Last stage: logits (b, s, vocab_size), or with labels (b, s) the mean cross entropy;
+        other stages: the hidden state for the next one."""
+        if self.pre_process:
+            x = self.embed(x)
+        for block in self.blocks.values():
+            x = block(x)
+        if not self.post_process:
+            return x
+        return self.head(self.ln_f(x), labels)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # (b, s) -> (b, s, h) or (b, s/tp, h)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.wte(tokens) + self.wpe(positions)  # (b, s, h)
         if self.sequence_parallel:
             x = scatter_to_sequence(x, self.tp_group)  # (b, s/tp, h)
         with self.residual_rng():
-            x = self.drop(x)
-        for block in self.blocks:
-            x = block(x)
-        x = self.ln_f(x)
+            return self.drop(x)
+
+    def head(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         # The output layer is tied to the token embedding: every rank multiplies the full sequence by its
         # vocabulary slice, (b, s, h) @ (h, V/tp) -> (b, s, V/tp).
         x = gather_from_sequence(x, self.tp_group) if self.sequence_parallel else copy_to_group(x, self.tp_group)

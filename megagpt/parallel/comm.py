@@ -21,12 +21,32 @@ gradients (copy_to_group / gather_from_sequence); row-parallel layers produce pa
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import torch
 import torch.distributed as dist
 
+from megagpt.errors import UserError
 from megagpt.parallel.context import Group
+
+
+class CommunicationError(UserError):
+    """A collective failed or timed out (parallel.timeout_s): a peer died, hangs, or runs another layout."""
+
+
+@contextlib.contextmanager
+def named_failure(what: str, group: Group):
+    """Turn a backend's failure inside the block into one sentence naming this rank, the operation and the group."""
+    try:
+        yield
+    except RuntimeError as e:
+        me = dist.get_rank() if dist.is_initialized() else 0
+        raise CommunicationError(
+            f"rank {me} failed in {what} over ranks {list(group.ranks)}: {str(e).splitlines()[0]}; a peer process "
+            f"died, hangs past parallel.timeout_s, or runs another layout"
+        ) from None
+
 
 comm_stats: dict[str, Counter] = {"calls": Counter(), "bytes": Counter()}
 
@@ -52,7 +72,8 @@ def all_reduce(x: torch.Tensor, group: Group, op: str = "sum", async_op: bool = 
     if group.size == 1:
         return None if async_op else x
     _count("all_reduce", x)
-    work = dist.all_reduce(x, op=_REDUCE_OPS[op], group=group.handle, async_op=async_op)
+    with named_failure(f"all-reduce ({op})", group):
+        work = dist.all_reduce(x, op=_REDUCE_OPS[op], group=group.handle, async_op=async_op)
     return work if async_op else x
 
 
@@ -63,7 +84,8 @@ def all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     _count("all_gather", x)
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((group.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_flat(out, x, group=group.handle)
+    with named_failure("all-gather", group):
+        _all_gather_flat(out, x, group=group.handle)
     return out.movedim(0, dim)
 
 
@@ -74,7 +96,8 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     _count("reduce_scatter", x)
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((x.shape[0] // group.size, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_flat(out, x, group=group.handle)
+    with named_failure("reduce-scatter", group):
+        _reduce_scatter_flat(out, x, group=group.handle)
     return out.movedim(0, dim)
 
 
@@ -89,13 +112,15 @@ def broadcast(x: torch.Tensor, src_index: int, group: Group) -> torch.Tensor:
     """Overwrite x with the copy held by the group's src_index-th rank."""
     if group.size > 1:
         _count("broadcast", x)
-        dist.broadcast(x, src=group.ranks[src_index], group=group.handle)
+        with named_failure("broadcast", group):
+            dist.broadcast(x, src=group.ranks[src_index], group=group.handle)
     return x
 
 
 def barrier(group: Group) -> None:
     if group.size > 1:
-        dist.barrier(group=group.handle)
+        with named_failure("barrier", group):
+            dist.barrier(group=group.handle)
 
 
 def _conjugate_pair(name: str, forward, backward) -> type[torch.autograd.Function]:

@@ -78,7 +78,7 @@ class ParallelContext:
             raise ValueError(f"the process group has {dist.get_world_size()} ranks, the layout {topology.world_size}")
 
         def my_group(rank_lists: list[list[int]]) -> Group:
-            mine = None
+            mine = Group.solo(rank)  # a middle pipeline stage is in no embedding group
             for ranks in rank_lists:
                 handle = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
                 if rank in ranks:

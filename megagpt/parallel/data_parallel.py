@@ -2,15 +2,16 @@
 
 Every parameter gets `param.main_grad`, a view into one flat fp32 buffer per bucket. A hook that runs as soon
 as autograd has finished a parameter's gradient adds it into main_grad (so micro-batches accumulate there) and
-frees param.grad. On the last micro-batch of a step, the hook also counts the bucket down; when every
-parameter of a bucket is ready, the bucket's all-reduce starts asynchronously while backward goes on with
-earlier layers. `finish()` waits for the reductions and points param.grad at main_grad for the optimizer.
+frees param.grad. The hook also counts: once a parameter has received its gradient from every micro-batch of
+the step, it is ready, and when every parameter of a bucket is ready, the bucket's all-reduce starts
+asynchronously while backward goes on with earlier layers (and, in a pipeline, with other micro-batches).
+`finish()` waits for the reductions and points param.grad at main_grad for the optimizer.
 
 Buckets are filled in reverse parameter order, the order backward produces gradients in.
 
     buckets = GradBuckets(model.parameters(), dp_group, bucket_bytes=25e6)
-    for i, micro_batch in enumerate(micro_batches):
-        buckets.reduce_this_backward(i == len(micro_batches) - 1)
+    buckets.start_step(len(micro_batches))
+    for micro_batch in micro_batches:
         (loss(micro_batch) / len(micro_batches)).backward()
     buckets.finish()        # grads now hold the dp mean
     optimizer.step()
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megagpt.parallel.comm import all_reduce
+from megagpt.parallel.comm import all_reduce, named_failure
 from megagpt.parallel.context import Group
 
 
@@ -44,7 +45,8 @@ class GradBuckets:
         self.params = [p for p in params if p.requires_grad]
         self.buckets: list[Bucket] = []
         self.bucket_of: dict[torch.nn.Parameter, Bucket] = {}
-        self.reduce_now = True
+        self.expected = 1  # gradients each parameter receives per step: one per micro-batch
+        self.received: dict[torch.nn.Parameter, int] = {}
         self.ready_count = 0  # parameters whose gradient this backward has produced, over all buckets
 
         groups, current, size = [], [], 0
@@ -70,18 +72,19 @@ class GradBuckets:
             self.buckets.append(bucket)
         self._reset_counts()
 
-    def reduce_this_backward(self, reduce: bool) -> None:
-        """Whether the coming backward is the step's last (its buckets get reduced) or only accumulates."""
-        self.reduce_now = reduce
+    def start_step(self, num_micro_batches: int) -> None:
+        """Each parameter will receive one gradient per micro-batch; after the last, its bucket may be reduced."""
+        self.expected = num_micro_batches
 
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
         param.main_grad.add_(param.grad)
         param.grad = None
-        if not self.reduce_now or self.dp_group.size == 1:
+        self.received[param] = self.received.get(param, 0) + 1
+        if self.received[param] < self.expected or self.dp_group.size == 1:
             return
         bucket = self.bucket_of[param]
         if param in bucket.ready:
-            raise RuntimeError("a parameter's gradient was produced twice in one backward; call zero() between steps")
+            raise RuntimeError("a parameter got more gradients than micro-batches; call start_step() and zero()")
         bucket.ready.add(param)
         self.ready_count += 1
         bucket.pending -= 1
@@ -101,7 +104,8 @@ class GradBuckets:
             for bucket in self.buckets:
                 if not bucket.launched:
                     self._launch(bucket)
-                bucket.work.wait()
+                with named_failure("the data-parallel gradient all-reduce", self.dp_group):
+                    bucket.work.wait()
         for param in self.params:
             param.grad = param.main_grad
 
@@ -114,6 +118,7 @@ class GradBuckets:
 
     def _reset_counts(self) -> None:
         self.ready_count = 0
+        self.received.clear()
         for bucket in self.buckets:
             bucket.pending = len(bucket.params)
             bucket.ready.clear()

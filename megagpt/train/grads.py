@@ -23,22 +23,34 @@ def allreduce_sequence_parallel_grads(params: list[torch.nn.Parameter], tp_group
         offset += grad.numel()
 
 
-def global_grad_norm(params: list[torch.nn.Parameter], model_parallel_group: Group) -> float:
+def allreduce_embedding_grads(params: list[torch.nn.Parameter], embedding_group: Group) -> None:
+    """Sum the tied token embedding's gradient between the first pipeline stage (input embedding) and the last
+    (output layer), so both copies take the same step."""
+    for param in params:
+        if hasattr(param, "embedding_replica") and param.grad is not None:
+            all_reduce(param.grad, embedding_group)
+
+
+def global_grad_norm(params: list[torch.nn.Parameter], tp_group: Group, pp_group: Group) -> float:
     """L2 norm of the whole model's gradient, the same number on every rank.
 
-    A tensor-parallel parameter's slices are disjoint, so each rank counts its own; a replicated parameter is
-    counted once, by the group's first rank. Data-parallel replicas hold identical (reduced) grads and are not
-    summed again.
+    A tensor-parallel parameter's slices are disjoint, so each rank counts its own; a parameter replicated across
+    tp is counted by the group's first rank; the last stage's copy of the tied embedding is not counted (the
+    first stage's is). Pipeline stages hold disjoint layers and are summed. Data-parallel replicas hold
+    identical (reduced) grads and are not summed again.
     """
     counted = [
         p.grad
         for p in params
-        if p.grad is not None and (getattr(p, "tensor_parallel", False) or model_parallel_group.index == 0)
+        if p.grad is not None
+        and (getattr(p, "tensor_parallel", False) or tp_group.index == 0)
+        and not getattr(p, "embedding_replica", False)
     ]
     square_sum = torch.zeros((), dtype=torch.float32, device=params[0].device)
     for grad in counted:
         square_sum += grad.float().pow(2).sum()
-    all_reduce(square_sum, model_parallel_group)
+    all_reduce(square_sum, tp_group)
+    all_reduce(square_sum, pp_group)
     return math.sqrt(square_sum.item())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import random
 from pathlib import Path
@@ -17,6 +18,7 @@ from megagpt.model.gpt import GPT
 from megagpt.parallel.comm import barrier
 from megagpt.parallel.context import Group, ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
+from megagpt.parallel.pipeline import PipelineExecutor, stage_layers, virtual_stage
 from megagpt.parallel.random import TensorParallelRNG
 from megagpt.train.metrics import MetricsWriter
 from megagpt.train.optimizer import build_optimizer
@@ -69,12 +71,49 @@ def world_group(ctx: ParallelContext) -> Group:
     )
 
 
-def build_model(cfg: Config, ctx: ParallelContext) -> GPT:
-    """This rank's shard of the model; the same seed gives the same full model whatever the layout."""
+def build_model(cfg: Config, ctx: ParallelContext) -> torch.nn.ModuleList:
+    """This rank's model chunks (vpp of them, each a run of layers; see parallel/pipeline.py). The same seed gives
+    the same full model whatever the layout: each part's weights come from its own seed."""
     seed_everything(cfg.train.seed)
     rng = TensorParallelRNG(cfg.train.seed, ctx.tp_group.index, ctx.device)
-    model = GPT(cfg.model, ctx.tp_group, sequence_parallel=cfg.parallel.sequence_parallel, rng=rng)
-    return model.to(ctx.device)
+    pp, vpp, pp_rank = ctx.topology.pp, cfg.parallel.vpp, ctx.pp_group.index
+    chunks = torch.nn.ModuleList()
+    for chunk in range(vpp):
+        stage = virtual_stage(pp, pp_rank, chunk)
+        chunks.append(
+            GPT(
+                cfg.model,
+                ctx.tp_group,
+                layers=stage_layers(cfg.model.num_layers, pp, vpp, pp_rank, chunk),
+                pre_process=stage == 0,
+                post_process=stage == pp * vpp - 1,
+                sequence_parallel=cfg.parallel.sequence_parallel,
+                rng=rng,
+                init_seed=cfg.train.seed,
+            )
+        )
+    return chunks.to(ctx.device)
+
+
+def build_executor(cfg: Config, ctx: ParallelContext, chunks: torch.nn.ModuleList) -> PipelineExecutor:
+    tp = ctx.tp_group.size
+    seq = cfg.model.seq_length // tp if cfg.parallel.sequence_parallel and tp > 1 else cfg.model.seq_length
+    return PipelineExecutor(
+        chunks,
+        ctx.pp_group.index,
+        ctx.pp_group.ranks,
+        hidden_shape=(cfg.train.micro_batch_size, seq, cfg.model.hidden_size),
+        device=ctx.device,
+        timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
+    )
+
+
+def build_trainer(cfg: Config, ctx: ParallelContext, train_data, valid_data, metrics) -> Trainer:
+    chunks = build_model(cfg, ctx)
+    optimizer = build_optimizer(chunks, cfg.optim)
+    grads = GradBuckets(chunks.parameters(), ctx.dp_group, bucket_bytes=cfg.parallel.grad_bucket_mb * 2**20)
+    executor = build_executor(cfg, ctx, chunks)
+    return Trainer(cfg, ctx, chunks, executor, optimizer, grads, train_data, valid_data, metrics)
 
 
 def pretrain(cfg: Config, ctx: ParallelContext) -> TrainState:
@@ -87,25 +126,22 @@ def pretrain(cfg: Config, ctx: ParallelContext) -> TrainState:
     if ctx.rank != 0:
         train_data, valid_data = build_data(cfg)
 
-    model = build_model(cfg, ctx)
-    optimizer = build_optimizer(model, cfg.optim)
-    grads = GradBuckets(model.parameters(), ctx.dp_group, bucket_bytes=cfg.parallel.grad_bucket_mb * 2**20)
-    n_params = sum(p.numel() for p in model.parameters())
+    metrics = open_run_folder(cfg) if ctx.is_logging_rank else None
+    trainer = build_trainer(cfg, ctx, train_data, valid_data, metrics)
+    chunks = trainer.chunks
+    n_params = sum(p.numel() for p in chunks.parameters())
     tp, dp, pp = ctx.topology.tp, ctx.topology.dp, ctx.topology.pp
     log.info(
         f"model: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, {cfg.model.num_heads} heads, "
         f"seq {cfg.model.seq_length}, attention {cfg.model.attention_pattern} (window {cfg.model.local_window}); "
-        f"{n_params / 1e6:.2f}M parameters on this rank (vocab padded to {model.padded_vocab_size}); "
-        f"layout tp={tp} dp={dp} pp={pp}, sequence parallel {model.sequence_parallel}; {len(grads.buckets)} "
-        f"gradient buckets; device {ctx.device}, precision {cfg.train.precision}"
+        f"{n_params / 1e6:.2f}M parameters on this rank (vocab padded to {chunks[0].padded_vocab_size}); "
+        f"layout tp={tp} dp={dp} pp={pp} vpp={cfg.parallel.vpp}, layers {[list(c.layers) for c in chunks]}, "
+        f"sequence parallel {chunks[0].sequence_parallel}; {len(trainer.grads.buckets)} gradient buckets; "
+        f"device {ctx.device}, precision {cfg.train.precision}"
     )
-
-    metrics = None
-    if ctx.is_logging_rank:
-        metrics = open_run_folder(cfg)
+    if metrics is not None:
         log.info(f"run folder {cfg.logging.dir}: config.yaml, metrics.jsonl" + (", TensorBoard" if metrics.tb else ""))
 
-    trainer = Trainer(cfg, ctx, model, optimizer, grads, train_data, valid_data, metrics)
     try:
         state = trainer.train()
     finally:

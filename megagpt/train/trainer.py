@@ -20,7 +20,13 @@ from megagpt.errors import DataError, UserError
 from megagpt.parallel.comm import all_reduce
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
-from megagpt.train.grads import allreduce_sequence_parallel_grads, clip_grads, global_grad_norm
+from megagpt.parallel.pipeline import PipelineExecutor
+from megagpt.train.grads import (
+    allreduce_embedding_grads,
+    allreduce_sequence_parallel_grads,
+    clip_grads,
+    global_grad_norm,
+)
 from megagpt.train.metrics import MetricsWriter
 from megagpt.train.schedules import global_batch_size, learning_rate
 
@@ -49,7 +55,8 @@ class Trainer:
         self,
         cfg: Config,
         ctx: ParallelContext,
-        model,
+        chunks: torch.nn.ModuleList,
+        executor: PipelineExecutor,
         optimizer,
         grads: GradBuckets,
         train_data,
@@ -58,43 +65,52 @@ class Trainer:
     ):
         self.cfg = cfg
         self.ctx = ctx
-        self.model = model
+        self.chunks = chunks  # this rank's model chunks (one unless the pipeline is interleaved)
+        self.executor = executor
         self.optimizer = optimizer
         self.grads = grads
         self.train_data = train_data
         self.valid_data = valid_data
         self.metrics = metrics
         self.state = TrainState()
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for p in chunks.parameters() if p.requires_grad]
 
     def autocast(self):
         if self.cfg.train.precision == "bf16":
             return torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def micro_batches(self, dataset, first_sample: int, num_samples: int):
+    def micro_batches(self, dataset, first_sample: int, num_samples: int) -> list[torch.Tensor]:
         """This dp rank's micro-batches of the samples [first_sample, first_sample + num_samples)."""
         micro, dp = self.cfg.train.micro_batch_size, self.ctx.dp_group.size
+        batches = []
         for start in range(first_sample, first_sample + num_samples, micro * dp):
             tokens = read_batch(dataset, start + self.ctx.dp_group.index * micro, micro, self.cfg.model.vocab_size)
-            yield tokens.to(self.ctx.device, non_blocking=True)
+            batches.append(tokens.to(self.ctx.device, non_blocking=True))
+        return batches
 
-    def train_step(self) -> tuple[float, float, float, int]:
-        """One optimizer step; returns (mean loss, grad norm before clipping, lr, samples consumed)."""
-        cfg, ctx = self.cfg, self.ctx
-        self.model.train()
-        batch = global_batch_size(self.state.consumed_samples, cfg.train)
-        num_micro_batches = batch // (cfg.train.micro_batch_size * ctx.dp_group.size)
-        total_loss = torch.zeros((), device=ctx.device)
-        for i, tokens in enumerate(self.micro_batches(self.train_data, self.state.consumed_samples, batch)):
-            self.grads.reduce_this_backward(i == num_micro_batches - 1)
-            with self.autocast():
-                loss = self.model(tokens[:, :-1], tokens[:, 1:])  # mean over the micro-batch's tokens
-            # Every micro-batch has the same number of tokens, so the mean of means is the batch mean;
-            # the dp average happens in the gradient reduction.
-            (loss / num_micro_batches).backward()
-            total_loss += loss.detach()
-        mean_loss = all_reduce(total_loss, ctx.dp_group).item() / (num_micro_batches * ctx.dp_group.size)
+    def forward(self, chunk, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        with self.autocast():
+            return chunk(x, labels)
+
+    def mean_loss(self, losses: list[torch.Tensor], num_micro_batches: int) -> float:
+        """The batch's mean loss on every rank: only the last pipeline stage has the per-micro-batch losses."""
+        total = torch.stack(losses).sum() if losses else torch.zeros((), device=self.ctx.device)
+        all_reduce(total, self.ctx.pp_group)
+        all_reduce(total, self.ctx.dp_group)
+        return total.item() / (num_micro_batches * self.ctx.dp_group.size)
+
+    def compute_gradients(self, batch: int) -> tuple[float, object]:
+        """Forward and backward of the next `batch` samples in the pipeline schedule's order, then the gradients
+        finished across every group: dp-averaged, sequence-parallel and tied-embedding parts summed.
+        Returns (the batch's mean loss, the schedule's record)."""
+        ctx = self.ctx
+        self.chunks.train()
+        micro_batches = self.micro_batches(self.train_data, self.state.consumed_samples, batch)
+        self.grads.start_step(len(micro_batches))
+        # Each micro-batch's mean loss weighs 1 / num_micro_batches; the dp average happens in the reduction.
+        record = self.executor.run(micro_batches, self.forward, backward=True)
+        mean_loss = self.mean_loss(record.losses, len(micro_batches))
         if not math.isfinite(mean_loss):
             raise UserError(
                 f"the training loss became {mean_loss} at step {self.state.step + 1}; lower optim.lr, keep "
@@ -102,7 +118,15 @@ class Trainer:
             )
         self.grads.finish()
         allreduce_sequence_parallel_grads(self.params, ctx.tp_group)
-        grad_norm = global_grad_norm(self.params, ctx.tp_group)
+        allreduce_embedding_grads(self.params, ctx.embedding_group)
+        return mean_loss, record
+
+    def train_step(self) -> tuple[float, float, float, int]:
+        """One optimizer step; returns (mean loss, grad norm before clipping, lr, samples consumed)."""
+        cfg, ctx = self.cfg, self.ctx
+        batch = global_batch_size(self.state.consumed_samples, cfg.train)
+        mean_loss, _ = self.compute_gradients(batch)
+        grad_norm = global_grad_norm(self.params, ctx.tp_group, ctx.pp_group)
         if cfg.optim.clip_grad > 0:
             clip_grads(self.params, cfg.optim.clip_grad, grad_norm)
         lr = learning_rate(self.state.step, cfg.optim, cfg.train.iters)
@@ -117,15 +141,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first eval_iters global batches of the validation split (the same ones every time)."""
-        cfg, ctx = self.cfg, self.ctx
-        self.model.eval()
-        total, count = torch.zeros((), device=ctx.device), 0
-        for tokens in self.micro_batches(self.valid_data, 0, cfg.train.eval_iters * cfg.train.global_batch_size):
-            with self.autocast():
-                total += self.model(tokens[:, :-1], tokens[:, 1:]).float()
-            count += 1
-        self.model.train()
-        return all_reduce(total, ctx.dp_group).item() / (count * ctx.dp_group.size)
+        cfg = self.cfg
+        self.chunks.eval()
+        micro_batches = self.micro_batches(self.valid_data, 0, cfg.train.eval_iters * cfg.train.global_batch_size)
+        record = self.executor.run(micro_batches, self.forward, backward=False)
+        self.chunks.train()
+        return self.mean_loss(record.losses, len(micro_batches))
 
     def should_evaluate(self, step: int) -> bool:
         t = self.cfg.train

@@ -41,9 +41,9 @@ def check_dropout_streams(rank: int, world_size: int, run_dir: str):
 
     # Without sequence parallelism the residual stream is replicated: with dropout on, every block's output
     # must still be identical on both ranks.
-    model = build_model(parity_config(2, 1, False, run_dir, dropout=0.5), ctx).train()
+    (model,) = build_model(parity_config(2, 1, False, run_dir, dropout=0.5), ctx).train()
     outputs = []
-    for block in model.blocks:
+    for block in model.blocks.values():
         block.register_forward_hook(lambda module, inputs, output: outputs.append(output))
     model(tokens)
     for output in outputs:
@@ -51,7 +51,7 @@ def check_dropout_streams(rank: int, world_size: int, run_dir: str):
         torch.testing.assert_close(mine, other, rtol=0, atol=0)
 
     # Attention dropout acts on this rank's heads: the same projections on both ranks must meet different masks.
-    attn = model.blocks[0].attn
+    attn = model.blocks["0"].attn
     qkv = torch.randn(2, 32, 3 * 64 // 2, generator=torch.Generator().manual_seed(11))
     mine, other = gathered(attn.attend(qkv), tp)
     assert not torch.allclose(mine, other)
@@ -60,7 +60,7 @@ def check_dropout_streams(rank: int, world_size: int, run_dir: str):
     torch.testing.assert_close(mine, other, rtol=0, atol=0)  # no dropout, same heads' math: same output
 
     # With sequence parallelism the residual stream is split along the sequence: its dropout masks differ.
-    sp_model = build_model(parity_config(2, 1, True, run_dir, dropout=0.5), ctx).train()
+    (sp_model,) = build_model(parity_config(2, 1, True, run_dir, dropout=0.5), ctx).train()
     with sp_model.residual_rng():
         mask = sp_model.drop(torch.ones(4, 64))
     mine, other = gathered(mask, tp)

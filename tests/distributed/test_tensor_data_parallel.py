@@ -71,8 +71,8 @@ def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir
 
     cfg = parity_config(tp, dp, sp, run_dir)
     ctx = ParallelContext.initialize(Topology(tp, dp, 1), rank, torch.device("cpu"))
-    reference = build_model(cfg, ParallelContext.single_process())
-    model = build_model(cfg, ctx)
+    (reference,) = build_model(cfg, ParallelContext.single_process())
+    (model,) = build_model(cfg, ctx)
     tokens = torch.randint(
         0, cfg.model.vocab_size, (2, cfg.model.seq_length + 1), generator=torch.Generator().manual_seed(7)
     )
@@ -94,7 +94,7 @@ def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir
     buckets = GradBuckets(model.parameters(), ctx.dp_group, bucket_bytes=0.05 * 2**20)
     ref_buckets = GradBuckets(reference.parameters(), ParallelContext.single_process().dp_group, 1e9)
     assert len(buckets.buckets) > 1
-    buckets.reduce_this_backward(True)
+    buckets.start_step(1)
     loss = model(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
     if dp > 1:

@@ -90,7 +90,10 @@ def test_validate_names_every_offending_value():
         ("train.batch_rampup=[2,4,100]", "not a multiple of increment 4"),
         ("train.batch_rampup=[3,5,100]", "must be multiples of micro_batch_size * dp"),
         ("train.precision=fp16", "fp16 needs the dynamic loss scaler"),
-        ("parallel.pp=2", "parallel.pp is not supported yet"),
+        ("parallel.zero=1", "parallel.zero is not supported yet"),
+        ("parallel.pp=3", "model.num_layers=4 does not split into parallel.pp * parallel.vpp = 3 * 1 = 3 equal stages"),
+        ("parallel.vpp=2", "parallel.vpp=2 interleaves pipeline stages, so it needs parallel.pp > 1"),
+        ("parallel.timeout_s=0", "parallel.timeout_s=0.0 must be positive"),
         ("parallel.tp=3", "parallel.tp=3 does not divide model.num_heads=4"),
         ("parallel.grad_bucket_mb=0", "parallel.grad_bucket_mb=0.0 must be positive"),
         ("checkpoint.dir=ckpt", "checkpoint.dir, checkpoint.load and checkpoint.save_interval are not supported"),
@@ -104,6 +107,15 @@ def test_validate_rejects_impossible_values(override, expected):
 def test_data_blend_and_validation_split_checks():
     assert "is neither a prefix nor a blend" in _problems("data.synthetic=false", "data.path=[0.5,a,b]")
     assert "needs a validation split" in _problems("data.synthetic=false", "data.path=x", "data.split=1,0,0")
+
+
+def test_interleaved_schedule_needs_micro_batches_in_multiples_of_pp():
+    cfg = config_from_dict(
+        {"preset": "tiny-cpu"}, ["parallel.pp=2", "parallel.vpp=2", "model.num_layers=4", "train.global_batch_size=6"]
+    )
+    with pytest.raises(ConfigError, match="multiples of micro_batch_size \\* dp \\* pp = 4"):
+        validate(cfg, 2)
+    validate(config_from_dict({"preset": "tiny-cpu"}, ["parallel.pp=2", "parallel.vpp=2"]), 2)
 
 
 def test_world_size_must_match_layout():

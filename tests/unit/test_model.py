@@ -54,7 +54,7 @@ def test_layers_follow_the_attention_pattern():
     windows = [layer_attention_window(cfg, layer) for layer in range(6)]
     assert windows == [None, 16, 16, None, 16, 16]
     model = GPT(cfg, Group.solo())
-    assert [block.attn.window for block in model.blocks] == windows
+    assert [block.attn.window for block in model.blocks.values()] == windows
 
 
 def _model(*overrides):
@@ -92,7 +92,7 @@ def test_padded_vocabulary_never_enters_the_loss():
 
 def test_init_follows_gpt2():
     model, cfg = _model("model.hidden_size=256")
-    block = model.blocks[0]
+    block = model.blocks["0"]
     assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert block.mlp.fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
     for proj in (block.attn.proj, block.mlp.proj):
@@ -105,9 +105,9 @@ def test_init_follows_gpt2():
 def test_qkv_bias_switch():
     with_bias, _ = _model()
     without, _ = _model("model.qkv_bias=false")
-    assert with_bias.blocks[0].attn.qkv.bias is not None
-    assert without.blocks[0].attn.qkv.bias is None
-    assert without.blocks[0].attn.proj.bias is not None
+    assert with_bias.blocks["0"].attn.qkv.bias is not None
+    assert without.blocks["0"].attn.qkv.bias is None
+    assert without.blocks["0"].attn.proj.bias is not None
 
 
 def test_tiny_model_overfits_one_batch():
@@ -127,7 +127,7 @@ def test_tiny_model_overfits_one_batch():
 
 def test_mlp_is_gelu_tanh_of_width_4h():
     model, cfg = _model()
-    mlp = model.blocks[0].mlp
+    mlp = model.blocks["0"].mlp
     assert mlp.fc.weight.shape == (4 * cfg.hidden_size, cfg.hidden_size)
     x = torch.randn(2, 5, cfg.hidden_size)
     hidden = x @ mlp.fc.weight.T + mlp.fc.bias

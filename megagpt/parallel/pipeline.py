@@ -1,0 +1,247 @@
+"""Pipeline parallelism: which layers a stage holds, the schedules, and the executor that runs them.
+
+Layers are cut into pp * vpp equal virtual stages. Pipeline rank r holds model chunks c = 0 .. vpp-1, chunk c
+being virtual stage v = c * pp + r (Megatron's interleaving): with pp=2, vpp=2 and 8 layers, rank 0 holds
+layers 0-1 and 4-5, rank 1 holds 2-3 and 6-7. The embedding sits on virtual stage 0, the final LayerNorm,
+output layer and loss on the last one.
+
+A schedule is a plain list of actions for one rank, F(chunk, micro_batch) and B(chunk, micro_batch), built
+below as warm-up, steady state and cool-down; the tests read these lists without any process. The executor
+runs a list: before an F it receives the activation from the previous virtual stage, after it sends its
+output on; a B receives the output's gradient from the next stage and sends the input's gradient back.
+Sends are posted asynchronously and waited for at the end of the step, receives are waited for at once, so
+any order that respects the data dependencies runs without deadlock. Every wait has a timeout and a failure
+names the stage, the operation and the peer.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megagpt.errors import UserError
+
+
+class PipelineError(UserError):
+    """A pipeline send or receive failed or timed out: a peer died, hangs or disagrees on shapes."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Partition
+
+
+def virtual_stage(pp: int, pp_rank: int, chunk: int) -> int:
+    return chunk * pp + pp_rank
+
+
+def stage_layers(num_layers: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> range:
+    """The global layer indices of one model chunk; num_layers must be a multiple of pp * vpp."""
+    per_stage = num_layers // (pp * vpp)
+    start = virtual_stage(pp, pp_rank, chunk) * per_stage
+    return range(start, start + per_stage)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedules
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "F" forward or "B" backward
+    chunk: int
+    micro_batch: int
+
+    def __repr__(self) -> str:
+        return f"{self.kind}{self.chunk}.{self.micro_batch}"
+
+
+def _merge(forwards: list[Action], backwards: list[Action], warmup: int) -> list[Action]:
+    """warm-up forwards, then one forward and one backward at a time, then the remaining backwards."""
+    steady = len(forwards) - warmup
+    order = forwards[:warmup]  # warm-up: fill the pipeline
+    for i in range(steady):  # steady state: 1F1B
+        order += [forwards[warmup + i], backwards[i]]
+    order += backwards[steady:]  # cool-down: drain it
+    return order
+
+
+def one_f_one_b(pp: int, pp_rank: int, num_micro_batches: int) -> list[Action]:
+    """1F1B: stage r runs pp - r - 1 warm-up forwards, so it holds at most pp - r micro-batches' activations.
+    With pp=1 this is plain gradient accumulation: F0 B0 F1 B1 ..."""
+    warmup = min(pp - pp_rank - 1, num_micro_batches)
+    forwards = [Action("F", 0, m) for m in range(num_micro_batches)]
+    backwards = [Action("B", 0, m) for m in range(num_micro_batches)]
+    return _merge(forwards, backwards, warmup)
+
+
+def interleaved_one_f_one_b(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -> list[Action]:
+    """Interleaved 1F1B (Megatron's virtual pipeline): micro-batches go through the chunks in groups of pp, so
+    the bubble shrinks by vpp; num_micro_batches must be a multiple of pp."""
+    total = num_micro_batches * vpp
+
+    def micro_batch(k: int) -> int:  # the k-th virtual micro-batch's micro-batch within its chunk
+        return (k // (pp * vpp)) * pp + k % pp
+
+    forwards = [Action("F", (k // pp) % vpp, micro_batch(k)) for k in range(total)]
+    backwards = [Action("B", vpp - 1 - (k // pp) % vpp, micro_batch(k)) for k in range(total)]
+    warmup = min((pp - pp_rank - 1) * 2 + (vpp - 1) * pp, total)
+    return _merge(forwards, backwards, warmup)
+
+
+def schedule(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -> list[Action]:
+    if vpp == 1:
+        return one_f_one_b(pp, pp_rank, num_micro_batches)
+    return interleaved_one_f_one_b(pp, vpp, pp_rank, num_micro_batches)
+
+
+def max_alive_promised(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -> int:
+    """The most (chunk, micro-batch) activations a schedule may hold at once on a rank."""
+    if vpp == 1:
+        return min(pp - pp_rank, num_micro_batches)
+    return min((pp - pp_rank - 1) * 2 + (vpp - 1) * pp + 1, num_micro_batches * vpp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Executor
+
+
+@dataclass
+class StepRecord:
+    """What one run of a schedule did on this rank (for the trainer's loss and for tests)."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)  # per micro-batch, last stage only
+    order: list[Action] = field(default_factory=list)
+    max_alive: int = 0  # most micro-batches whose activations were held at once
+
+
+class PipelineExecutor:
+    """Runs schedules over this rank's model chunks.
+
+    chunks[c] is this rank's model chunk c; pp_ranks are the global ranks of the pipeline group, in stage order;
+    hidden_shape is the activation shape passed between stages, (micro_batch, s or s/tp, h).
+    """
+
+    def __init__(
+        self,
+        chunks,
+        pp_rank: int,
+        pp_ranks: tuple[int, ...],
+        hidden_shape: tuple[int, ...],
+        device: torch.device,
+        timeout: datetime.timedelta,
+    ):
+        self.chunks = chunks
+        self.pp = len(pp_ranks)
+        self.vpp = len(chunks)
+        self.pp_rank = pp_rank
+        self.pp_ranks = pp_ranks
+        self.hidden_shape = hidden_shape
+        self.device = device
+        self.timeout = timeout
+        self.last_stage = self.pp * self.vpp - 1
+
+    # where a chunk's input comes from and its output goes: (global rank, chunk there)
+    def _prev(self, chunk: int) -> tuple[int, int]:
+        if self.pp_rank > 0:
+            return self.pp_ranks[self.pp_rank - 1], chunk
+        return self.pp_ranks[-1], chunk - 1
+
+    def _next(self, chunk: int) -> tuple[int, int]:
+        if self.pp_rank < self.pp - 1:
+            return self.pp_ranks[self.pp_rank + 1], chunk
+        return self.pp_ranks[0], chunk + 1
+
+    def _tag(self, kind: str, stage: int, micro_batch: int) -> int:
+        # Unique per message, so gloo matches each receive to its send whatever else is in flight.
+        return (micro_batch * (self.pp * self.vpp) + stage) * 2 + (kind == "B")
+
+    def _stage(self, chunk: int) -> int:
+        return virtual_stage(self.pp, self.pp_rank, chunk)
+
+    def _send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
+        self._sends.append((dist.P2POp(dist.isend, tensor.contiguous(), peer, tag=tag), tensor))
+
+    def _recv(self, peer: int, tag: int, what: str) -> torch.Tensor:
+        """Post the pending sends and this receive as one batch, then wait for the receive."""
+        buffer = torch.empty(self.hidden_shape, dtype=torch.float32, device=self.device)
+        ops = [op for op, _ in self._sends] + [dist.P2POp(dist.irecv, buffer, peer, tag=tag)]
+        self._in_flight.extend(self._sends)
+        self._sends = []
+        works = dist.batch_isend_irecv(ops)
+        self._pending_works.extend(works[:-1])
+        self._wait(works[-1], f"receiving {what} from rank {peer}")
+        return buffer
+
+    def _flush_sends(self) -> None:
+        if self._sends:
+            self._pending_works.extend(dist.batch_isend_irecv([op for op, _ in self._sends]))
+            self._in_flight.extend(self._sends)
+            self._sends = []
+
+    def _wait(self, work, what: str) -> None:
+        try:
+            completed = work.wait(self.timeout)
+        except RuntimeError as e:
+            raise PipelineError(
+                f"pipeline stage {self.pp_rank} (rank {self.pp_ranks[self.pp_rank]}) failed {what}: "
+                f"{str(e).splitlines()[0]}; a peer process died or disagrees on the layout"
+            ) from None
+        if completed is False:
+            raise PipelineError(
+                f"pipeline stage {self.pp_rank} (rank {self.pp_ranks[self.pp_rank]}) timed out after "
+                f"{self.timeout.total_seconds():.0f}s {what}; a peer process hangs or died"
+            )
+
+    def run(self, micro_batches: list[torch.Tensor], forward, *, backward: bool) -> StepRecord:
+        """Run one step's schedule. micro_batches: this dp rank's token tensors (mbs, s + 1).
+        forward(chunk_module, x, labels) -> the chunk's output (the mean loss on the last stage).
+        Without backward (evaluation) every micro-batch only flows forward."""
+        num = len(micro_batches)
+        if backward:
+            actions = schedule(self.pp, self.vpp, self.pp_rank, num)
+        else:
+            actions = [Action("F", c, m) for m in range(num) for c in range(self.vpp)]
+        record = StepRecord()
+        self._sends, self._in_flight, self._pending_works = [], [], []
+        saved: dict[tuple[int, int], tuple] = {}  # activations of micro-batches awaiting their backward
+        for action in actions:
+            record.order.append(action)
+            chunk, m = action.chunk, action.micro_batch
+            stage = self._stage(chunk)
+            if action.kind == "F":
+                if stage == 0:
+                    x = micro_batches[m][:, :-1]
+                else:
+                    peer, _ = self._prev(chunk)
+                    x = self._recv(peer, self._tag("F", stage, m), f"the activation of micro-batch {m}")
+                    x.requires_grad_(backward)
+                labels = micro_batches[m][:, 1:] if stage == self.last_stage else None
+                with torch.set_grad_enabled(backward):
+                    y = forward(self.chunks[chunk], x, labels)
+                if stage == self.last_stage:
+                    record.losses.append(y.detach())
+                else:
+                    peer, _ = self._next(chunk)
+                    self._send(y.detach(), peer, self._tag("F", stage + 1, m))
+                if backward:
+                    saved[(chunk, m)] = (x, y)
+                    record.max_alive = max(record.max_alive, len(saved))
+            else:
+                x, y = saved.pop((chunk, m))
+                if stage == self.last_stage:
+                    torch.autograd.backward(y / num)  # each micro-batch's mean loss weighs 1 / num
+                else:
+                    peer, _ = self._next(chunk)
+                    grad = self._recv(peer, self._tag("B", stage, m), f"the gradient of micro-batch {m}")
+                    torch.autograd.backward(y, grad)
+                if stage > 0:
+                    peer, _ = self._prev(chunk)
+                    self._send(x.grad, peer, self._tag("B", stage - 1, m))
+        self._flush_sends()
+        for work in self._pending_works:
+            self._wait(work, "sending to the next or previous stage")
+        self._in_flight, self._pending_works = [], []
+        return record

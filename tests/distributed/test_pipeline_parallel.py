@@ -1,0 +1,180 @@
+"""Pipeline layouts compute what one process computes; the schedule keeps its order and memory bound; a dead
+peer ends the step with an error instead of a hang (fp32, CPU, gloo)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from tests.distributed.harness import DIED, run_world
+
+LAYOUTS = [  # (tp, pp, dp, vpp, sequence_parallel, layers)
+    (1, 2, 1, 1, False, 4),
+    (1, 4, 1, 1, False, 4),
+    (1, 2, 1, 2, False, 4),
+    (1, 3, 1, 1, False, 6),
+    (2, 2, 1, 1, False, 4),
+    (2, 2, 2, 1, True, 4),
+    (1, 2, 2, 2, False, 4),
+]
+STEPS = 10
+
+
+def pipeline_config(tp, pp, vpp, sp, layers, run_dir, *extra):
+    return tiny_config(
+        "model.vocab_size=1001",
+        "model.num_heads=4",
+        "model.hidden_size=64",
+        f"model.num_layers={layers}",
+        "model.seq_length=32",
+        "model.local_window=8",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=1",
+        f"train.iters={STEPS}",
+        "train.eval_interval=5",
+        "train.eval_iters=1",
+        "optim.lr=3e-3",
+        "optim.warmup_iters=2",
+        "optim.clip_grad=0.5",
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"parallel.vpp={vpp}",
+        f"parallel.sequence_parallel={str(sp).lower()}",
+        "parallel.grad_bucket_mb=0.05",
+        f"logging.dir={run_dir}",
+        "logging.log_interval=1",
+        "logging.tensorboard=false",
+        *extra,
+    )
+
+
+def one_step_gradients(cfg, ctx):
+    """Run the first step's forward and backward; return its loss, record, and {name: full gradient}."""
+    from megagpt.data.gpt_dataset import SyntheticDataset
+    from megagpt.parallel.comm import all_gather
+    from megagpt.train.pretrain import build_trainer
+
+    data = SyntheticDataset(64, cfg.model.seq_length, cfg.model.vocab_size, seed=5)
+    trainer = build_trainer(cfg, ctx, data, None, None)
+    loss, record = trainer.compute_gradients(cfg.train.global_batch_size)
+    grads = {}
+    for chunk in trainer.chunks:
+        for name, param in chunk.named_parameters():
+            grad = param.grad
+            if getattr(param, "tensor_parallel", False):
+                grad = all_gather(grad, param.partition_dim, ctx.tp_group)
+            grads[name] = grad
+    return loss, record, grads
+
+
+def check_pipeline_layout(rank, world_size, tp, pp, dp, vpp, sp, layers, run_dir):
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.parallel.pipeline import max_alive_promised, schedule
+    from megagpt.parallel.topology import Topology
+    from megagpt.train.pretrain import pretrain
+
+    cfg = pipeline_config(tp, pp, vpp, sp, layers, run_dir)
+    ctx = ParallelContext.initialize(Topology(tp, dp, pp), rank, torch.device("cpu"))
+    reference_cfg = pipeline_config(1, 1, 1, False, layers, run_dir)
+
+    loss, record, grads = one_step_gradients(cfg, ctx)
+    ref_loss, _, ref_grads = one_step_gradients(reference_cfg, ParallelContext.single_process())
+    assert abs(loss - ref_loss) / ref_loss < 1e-6, (loss, ref_loss)
+    bad = {}
+    for name, grad in grads.items():
+        ref = ref_grads[name]
+        if name == "wte.weight":
+            assert grad[1001:].abs().max() == 0
+            grad, ref = grad[:1001], ref[:1001]
+        error = ((grad - ref).norm() / ref.norm()).item()
+        if error > 1e-5:
+            bad[name] = error
+    assert not bad, f"gradients differ from the single-process model: {bad}"
+    # The rank holds exactly its layers, and the stages together hold every layer once.
+    assert len(grads) < len(ref_grads) or pp == 1
+
+    # The schedule ran as written and kept its memory promise.
+    num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+    pp_rank = ctx.pp_group.index
+    assert record.order == schedule(pp, vpp, pp_rank, num_micro)
+    assert record.max_alive <= max_alive_promised(pp, vpp, pp_rank, num_micro)
+    if vpp == 1 and num_micro >= pp:
+        assert record.max_alive == pp - pp_rank
+
+    state = pretrain(cfg, ctx)
+    return [(row["loss"], row["grad_norm"], row.get("val_loss")) for row in state.history]
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory):
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.train.pretrain import pretrain
+
+    runs = {}
+    for layers in sorted({layout[-1] for layout in LAYOUTS}):
+        cfg = pipeline_config(1, 1, 1, False, layers, str(tmp_path_factory.mktemp(f"ref{layers}")))
+        runs[layers] = [
+            (r["loss"], r["grad_norm"], r.get("val_loss"))
+            for r in pretrain(cfg, ParallelContext.single_process()).history
+        ]
+    return runs
+
+
+@pytest.mark.parametrize(
+    "tp, pp, dp, vpp, sp, layers",
+    LAYOUTS,
+    ids=[f"tp{t}-pp{p}-dp{d}-vpp{v}-sp{int(s)}-L{n}" for t, p, d, v, s, n in LAYOUTS],
+)
+def test_pipeline_layout_matches_single_process(tp, pp, dp, vpp, sp, layers, tmp_path, reference_runs):
+    results = run_world(tp * pp * dp, check_pipeline_layout, tp, pp, dp, vpp, sp, layers, str(tmp_path / "run"))
+    reference = reference_runs[layers]
+    for rank, history in enumerate(results):
+        assert len(history) == STEPS
+        for step, ((loss, norm, val), (ref_loss, ref_norm, ref_val)) in enumerate(zip(history, reference), 1):
+            assert loss == pytest.approx(ref_loss, rel=1e-5), f"rank {rank} step {step}"
+            assert norm == pytest.approx(ref_norm, rel=1e-4), f"rank {rank} step {step}"
+            if val is not None or ref_val is not None:
+                assert val == pytest.approx(ref_val, rel=1e-5), f"rank {rank} step {step}"
+
+
+def die_mid_step(rank, world_size, run_dir):
+    """Rank 1 dies in the middle of its third forward; rank 0 must fail with a named error, not hang."""
+    from megagpt.data.gpt_dataset import SyntheticDataset
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.parallel.pipeline import PipelineError
+    from megagpt.parallel.topology import Topology
+    from megagpt.train.pretrain import build_trainer
+
+    cfg = pipeline_config(1, 2, 1, False, 4, run_dir, "parallel.timeout_s=30")
+    ctx = ParallelContext.initialize(Topology(1, 1, 2), rank, torch.device("cpu"))
+    data = SyntheticDataset(64, cfg.model.seq_length, cfg.model.vocab_size, seed=5)
+    trainer = build_trainer(cfg, ctx, data, None, None)
+    calls = []
+    original = trainer.forward
+
+    def forward(chunk, x, labels):
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:
+            os._exit(1)  # the process vanishes mid-step, as after a crash or an OOM kill
+        return original(chunk, x, labels)
+
+    trainer.forward = forward
+    start = time.monotonic()
+    try:
+        trainer.train_step()
+    except PipelineError as e:
+        return str(e), time.monotonic() - start
+    return "no error", time.monotonic() - start
+
+
+def test_a_dead_peer_ends_the_step_with_a_named_error(tmp_path):
+    results = run_world(2, die_mid_step, str(tmp_path), allow_deaths=True, timeout=120)
+    assert results[1] == DIED
+    message, seconds = results[0]
+    assert message.startswith("pipeline stage 0 (rank 0) "), message
+    assert "rank 1" in message and ("receiving" in message or "sending" in message), message
+    assert seconds < 30 + 10  # within the configured timeout
