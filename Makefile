@@ -17,9 +17,11 @@ $(VENV)/.megagpt-installed: pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
+# The demo trains with tensor parallelism 2 x pipeline parallelism 2: four CPU processes (gloo).
 demo: setup
 	$(PY) tools/prepare_demo_data.py --out-dir $(DEMO_DATA)
-	$(PY) launcher/pretrain.py --config configs/demo-cpu.yaml
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node 4 launcher/pretrain.py \
+		--config configs/demo-cpu.yaml parallel.tp=2 parallel.pp=2
 	$(PY) tools/demo_report.py --run runs/demo-cpu --data $(DEMO_DATA)
 
 test: setup

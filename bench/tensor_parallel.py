@@ -16,7 +16,6 @@ import statistics
 import time
 
 import torch
-import torch.multiprocessing as mp
 
 
 def bench_config(args, tp: int, sp: bool):
@@ -62,37 +61,18 @@ def measure(cfg, ctx, steps: int) -> dict:
     }
 
 
-def _tp_worker(rank: int, args, sp: bool, port: int, results) -> None:
-    import torch.distributed as dist
-
+def _tp_worker(rank: int, world_size: int, args, sp: bool) -> dict:
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     ctx = ParallelContext.initialize(Topology(2, 1, 1), rank, torch.device("cpu"))
-    result = measure(bench_config(args, 2, sp), ctx, args.steps)
-    if rank == 0:
-        results.put(result)
-    dist.destroy_process_group()
+    return measure(bench_config(args, 2, sp), ctx, args.steps)
 
 
 def run_tp2(args, sp: bool) -> dict:
-    import socket
+    from megagpt.parallel.local_world import run_world
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_tp_worker, args=(r, args, sp, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    result = results.get(timeout=1200)
-    for p in procs:
-        p.join()
-    return result
+    return run_world(2, _tp_worker, args, sp, timeout=1200)[0]
 
 
 def main() -> None:

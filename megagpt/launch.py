@@ -52,12 +52,17 @@ def discover_launch(env: dict | None = None) -> LaunchInfo:
     return LaunchInfo(rank, world_size, local_rank, local_world_size, source="torchrun")
 
 
-def resolve_device(requested: str, local_rank: int) -> torch.device:
-    """train.device: auto -> cuda:local_rank when a GPU is present, else cpu."""
+def resolve_device(requested: str, local_rank: int, local_world_size: int = 1) -> torch.device:
+    """train.device: auto -> cuda:local_rank when a GPU is present, else cpu. Each local rank takes its own GPU."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        if local_world_size > torch.cuda.device_count():
+            raise UserError(
+                f"{local_world_size} processes on this node but {torch.cuda.device_count()} visible GPUs; launch at "
+                f"most {torch.cuda.device_count()} per node (--nproc_per_node) or use train.device=cpu"
+            )
+        torch.cuda.set_device(local_rank)
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

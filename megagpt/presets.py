@@ -120,9 +120,9 @@ PRESETS["demo-cpu"] = {
         "dropout": 0.0,
     },
     "train": {
-        "iters": 250,
+        "iters": 200,
         "global_batch_size": 16,
-        "micro_batch_size": 8,
+        "micro_batch_size": 4,
         "eval_interval": 50,
         "eval_iters": 4,
         "precision": "fp32",

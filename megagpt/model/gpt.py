@@ -25,13 +25,14 @@ import torch.nn.functional as F
 
 from megagpt.config import ModelConfig, max_positions, padded_vocab_size
 from megagpt.model.attention import causal_attention
-from megagpt.parallel.comm import copy_to_group, gather_from_group, gather_from_sequence, scatter_to_sequence
+from megagpt.parallel.comm import copy_to_group, gather_from_group, gather_from_sequence
 from megagpt.parallel.context import Group
 from megagpt.parallel.random import TensorParallelRNG
 from megagpt.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    divide,
     mark_sequence_parallel,
     vocab_parallel_cross_entropy,
 )
@@ -47,7 +48,7 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group, sp: bool, split_rng):
         super().__init__()
         self.split_rng = split_rng  # dropout on this rank's heads draws from the tp stream
-        self.heads = cfg.num_heads // tp_group.size  # heads on this rank
+        self.heads = divide(cfg.num_heads, tp_group.size, "num_heads")  # heads on this rank
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.window = layer_attention_window(cfg, layer)
         self.dropout = cfg.dropout
@@ -100,10 +101,12 @@ class Block(nn.Module):
         mark_sequence_parallel(self.ln_2, sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, h), or (b, s/tp, h) with sequence parallelism
+        y = self.attn(self.ln_1(x))
         with self.residual_rng():
-            x = x + self.dropout(self.attn(self.ln_1(x)))
+            x = x + self.dropout(y)
+        y = self.mlp(self.ln_2(x))
         with self.residual_rng():
-            x = x + self.dropout(self.mlp(self.ln_2(x)))
+            x = x + self.dropout(y)
         return x
 
 
@@ -164,13 +167,20 @@ class GPT(nn.Module):
         if pre_process or post_process:
             with seeded(base_seed, 0):
                 self.wte = VocabParallelEmbedding(
-                    self.vocab_size, self.padded_vocab_size, cfg.hidden_size, tp_group, init_std=cfg.init_std
+                    self.vocab_size,
+                    self.padded_vocab_size,
+                    cfg.hidden_size,
+                    tp_group,
+                    init_std=cfg.init_std,
+                    sequence_parallel=self.sequence_parallel and pre_process,
                 )
                 self.wte.weight.embedding_replica = not pre_process
         if pre_process:
             with seeded(base_seed, 1):
                 self.wpe = nn.Embedding(max_positions(cfg), cfg.hidden_size)
                 nn.init.normal_(self.wpe.weight, mean=0.0, std=cfg.init_std)
+            # Under sequence parallelism each rank looks up only its shard's positions: partial gradients.
+            mark_sequence_parallel(self.wpe, self.sequence_parallel)
             self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleDict()
         for layer in self.layers:
@@ -193,10 +203,14 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x), labels)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # (b, s) -> (b, s, h) or (b, s/tp, h)
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.wte(tokens) + self.wpe(positions)  # (b, s, h)
+        s = tokens.shape[1]
+        positions = torch.arange(s, device=tokens.device)
         if self.sequence_parallel:
-            x = scatter_to_sequence(x, self.tp_group)  # (b, s/tp, h)
+            # The token embedding's partial sums are reduce-scattered straight into sequence shards, and each
+            # rank adds the position embeddings of its own shard.
+            shard = divide(s, self.tp_group.size, "the sequence length under sequence parallelism")
+            positions = positions[self.tp_group.index * shard : (self.tp_group.index + 1) * shard]
+        x = self.wte(tokens) + self.wpe(positions)  # (b, s, h), or (b, s/tp, h)
         with self.residual_rng():
             return self.drop(x)
 

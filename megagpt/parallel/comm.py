@@ -77,13 +77,18 @@ def all_reduce(x: torch.Tensor, group: Group, op: str = "sum", async_op: bool = 
     return work if async_op else x
 
 
+def _check_divisible(x: torch.Tensor, dim: int, group: Group) -> None:
+    if x.shape[dim] % group.size != 0:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split evenly over {group.size} ranks")
+
+
 def all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     """Concatenate the ranks' x along dim, in rank order."""
     if group.size == 1:
         return x
-    _count("all_gather", x)
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((group.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _count("all_gather", out)  # every collective counts its full (unsharded) tensor
     with named_failure("all-gather", group):
         _all_gather_flat(out, x, group=group.handle)
     return out.movedim(0, dim)
@@ -93,6 +98,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     """Sum x over the ranks and keep this rank's slice along dim."""
     if group.size == 1:
         return x
+    _check_divisible(x, dim, group)
     _count("reduce_scatter", x)
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((x.shape[0] // group.size, *x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -105,6 +111,7 @@ def split(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     """This rank's slice of x along dim (no communication)."""
     if group.size == 1:
         return x
+    _check_divisible(x, dim, group)
     return x.chunk(group.size, dim=dim)[group.index].contiguous()
 
 

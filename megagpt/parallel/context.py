@@ -43,6 +43,7 @@ class ParallelContext:
     dp_group: Group
     pp_group: Group
     embedding_group: Group  # first and last pipeline stage: the two holders of the tied token embedding
+    world_group: Group
     device: torch.device
 
     @property
@@ -57,7 +58,7 @@ class ParallelContext:
     def single_process(device: torch.device | str = "cpu") -> ParallelContext:
         """One process holding the whole model: every group has one rank."""
         solo = Group.solo()
-        return ParallelContext(Topology(1, 1, 1), 0, solo, solo, solo, solo, torch.device(device))
+        return ParallelContext(Topology(1, 1, 1), 0, solo, solo, solo, solo, solo, torch.device(device))
 
     @staticmethod
     def initialize(
@@ -89,4 +90,5 @@ class ParallelContext:
         dp = my_group(topology.dp_groups())
         pp = my_group(topology.pp_groups())
         embedding = my_group(topology.embedding_groups())
-        return ParallelContext(topology, rank, tp, dp, pp, embedding, torch.device(device))
+        world = Group(tuple(range(topology.world_size)), rank, dist.group.WORLD)
+        return ParallelContext(topology, rank, tp, dp, pp, embedding, world, torch.device(device))

@@ -65,6 +65,8 @@ class GradBuckets:
             bucket = Bucket(bucket_params, buffer)
             offset = 0
             for param in bucket_params:
+                if hasattr(param, "main_grad"):
+                    raise ValueError("a parameter already belongs to a GradBuckets; build one per model")
                 param.main_grad = buffer[offset : offset + param.numel()].view_as(param)
                 offset += param.numel()
                 self.bucket_of[param] = bucket

@@ -17,6 +17,7 @@ names the stage, the operation and the peer.
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -115,6 +116,7 @@ class StepRecord:
     losses: list[torch.Tensor] = field(default_factory=list)  # per micro-batch, last stage only
     order: list[Action] = field(default_factory=list)
     max_alive: int = 0  # most micro-batches whose activations were held at once
+    busy_s: float = 0.0  # seconds spent computing forwards and backwards (the rest of a step is waiting)
 
 
 class PipelineExecutor:
@@ -219,8 +221,10 @@ class PipelineExecutor:
                     x = self._recv(peer, self._tag("F", stage, m), f"the activation of micro-batch {m}")
                     x.requires_grad_(backward)
                 labels = micro_batches[m][:, 1:] if stage == self.last_stage else None
+                started = time.perf_counter()
                 with torch.set_grad_enabled(backward):
                     y = forward(self.chunks[chunk], x, labels)
+                record.busy_s += time.perf_counter() - started
                 if stage == self.last_stage:
                     record.losses.append(y.detach())
                 else:
@@ -232,11 +236,14 @@ class PipelineExecutor:
             else:
                 x, y = saved.pop((chunk, m))
                 if stage == self.last_stage:
+                    started = time.perf_counter()
                     torch.autograd.backward(y / num)  # each micro-batch's mean loss weighs 1 / num
                 else:
                     peer, _ = self._next(chunk)
                     grad = self._recv(peer, self._tag("B", stage, m), f"the gradient of micro-batch {m}")
+                    started = time.perf_counter()
                     torch.autograd.backward(y, grad)
+                record.busy_s += time.perf_counter() - started
                 if stage > 0:
                     peer, _ = self._prev(chunk)
                     self._send(x.grad, peer, self._tag("B", stage - 1, m))

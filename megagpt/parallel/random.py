@@ -41,14 +41,21 @@ class TensorParallelRNG:
             torch.manual_seed(seed + TP_SEED_OFFSET + tp_rank)
         self.tp_state = _get_state(self.device)
         _set_state(default, self.device)
+        self.depth = 0
 
     @contextlib.contextmanager
     def fork(self):
-        """Run the block on the tp stream; the default stream is untouched by it."""
+        """Run the block on the tp stream; the default stream is untouched by it. Nested forks stay on the tp
+        stream (an inner fork must not rewind it, or two dropouts would draw the same numbers)."""
+        if self.depth > 0:
+            yield
+            return
+        self.depth += 1
         default = _get_state(self.device)
         _set_state(self.tp_state, self.device)
         try:
             yield
         finally:
+            self.depth -= 1
             self.tp_state = _get_state(self.device)
             _set_state(default, self.device)

@@ -120,9 +120,19 @@ class VocabParallelEmbedding(nn.Module):
     Rows past the real vocabulary are padding: zero, never looked up, excluded from the logits' softmax.
     """
 
-    def __init__(self, vocab_size: int, padded_vocab_size: int, embedding_dim: int, group: Group, *, init_std: float):
+    def __init__(
+        self,
+        vocab_size: int,
+        padded_vocab_size: int,
+        embedding_dim: int,
+        group: Group,
+        *,
+        init_std: float,
+        sequence_parallel: bool = False,
+    ):
         super().__init__()
         self.group = group
+        self.sequence_parallel = sequence_parallel  # sum the ranks' partial lookups with a reduce-scatter
         per_rank = divide(padded_vocab_size, group.size, "padded vocabulary")
         self.vocab_start = group.index * per_rank
         self.vocab_end = self.vocab_start + per_rank
@@ -133,13 +143,15 @@ class VocabParallelEmbedding(nn.Module):
             nn.Parameter(full[self.vocab_start : self.vocab_end].clone()), partition_dim=0
         )
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (b, s) -> (b, s, h)
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (b, s) -> (b, s, h), or (b, s/tp, h) sequence-parallel
         if self.group.size == 1:
             return F.embedding(ids, self.weight)
         # Ids outside this rank's range look up row 0 and are zeroed; the all-reduce fills them from their owner.
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence(out, self.group)  # (b, s/tp, h)
         return reduce_from_group(out, self.group)
 
 
@@ -171,6 +183,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):  # (n,)
+        # The saved softmax becomes the gradient in place (Megatron does the same, to save a logits-sized
+        # buffer), so the graph supports one backward.
         softmax, local_labels, owned = ctx.saved_tensors
         grad = softmax  # d loss / d z = softmax - onehot(label), on the columns this rank owns
         rows = torch.arange(grad.shape[0], device=grad.device)

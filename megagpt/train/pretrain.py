@@ -16,7 +16,7 @@ from megagpt.errors import UserError
 from megagpt.log import get_logger
 from megagpt.model.gpt import GPT
 from megagpt.parallel.comm import barrier
-from megagpt.parallel.context import Group, ParallelContext
+from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.pipeline import PipelineExecutor, stage_layers, virtual_stage
 from megagpt.parallel.random import TensorParallelRNG
@@ -61,14 +61,6 @@ def open_run_folder(cfg: Config) -> MetricsWriter:
         return MetricsWriter(run_dir, cfg.logging.tensorboard, cfg.train.iters)
     except OSError as e:
         raise UserError(f"cannot write logging.dir={run_dir} ({e.strerror or e}); choose a writable folder") from None
-
-
-def world_group(ctx: ParallelContext) -> Group:
-    return Group(
-        tuple(range(ctx.topology.world_size)),
-        ctx.rank,
-        handle=None if ctx.topology.world_size == 1 else torch.distributed.group.WORLD,
-    )
 
 
 def build_model(cfg: Config, ctx: ParallelContext) -> torch.nn.ModuleList:
@@ -119,10 +111,9 @@ def build_trainer(cfg: Config, ctx: ParallelContext, train_data, valid_data, met
 def pretrain(cfg: Config, ctx: ParallelContext) -> TrainState:
     log = get_logger()
     # The first rank builds the sample-index caches; the others then load them instead of racing to write.
-    everyone = world_group(ctx)
     if ctx.rank == 0:
         train_data, valid_data = build_data(cfg)
-    barrier(everyone)
+    barrier(ctx.world_group)
     if ctx.rank != 0:
         train_data, valid_data = build_data(cfg)
 

@@ -65,6 +65,29 @@ def check_dropout_streams(rank: int, world_size: int, run_dir: str):
         mask = sp_model.drop(torch.ones(4, 64))
     mine, other = gathered(mask, tp)
     assert not torch.equal(mine, other)
+
+    # And in a real forward every dropout (embedding, attention, residual) starts from a fresh generator state:
+    # no two draw the same numbers.
+    import megagpt.model.gpt as gpt
+
+    states = []
+    real_dropout, real_attention = torch.nn.functional.dropout, gpt.causal_attention
+
+    def dropout(*args, **kwargs):
+        states.append(torch.get_rng_state())
+        return real_dropout(*args, **kwargs)
+
+    def attention(*args, **kwargs):
+        states.append(torch.get_rng_state())
+        return real_attention(*args, **kwargs)
+
+    torch.nn.functional.dropout, gpt.causal_attention = dropout, attention
+    try:
+        sp_model(tokens)
+    finally:
+        torch.nn.functional.dropout, gpt.causal_attention = real_dropout, real_attention
+    assert len(states) == 1 + 3 * 4  # embedding, then per layer attention and two residual dropouts
+    assert len({bytes(state.numpy()) for state in states}) == len(states)
     return True
 
 

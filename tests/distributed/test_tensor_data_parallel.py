@@ -73,9 +73,10 @@ def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir
     ctx = ParallelContext.initialize(Topology(tp, dp, 1), rank, torch.device("cpu"))
     (reference,) = build_model(cfg, ParallelContext.single_process())
     (model,) = build_model(cfg, ctx)
-    tokens = torch.randint(
-        0, cfg.model.vocab_size, (2, cfg.model.seq_length + 1), generator=torch.Generator().manual_seed(7)
-    )
+    # A batch of 2 * dp samples: dp rank d takes samples [2d, 2d + 2), the reference all of them, so the
+    # gradient check sees the dp reduction average different data.
+    batch = torch.randint(0, 1001, (2 * dp, cfg.model.seq_length + 1), generator=torch.Generator().manual_seed(7))
+    tokens = batch[2 * ctx.dp_group.index : 2 * ctx.dp_group.index + 2]
 
     # 1. The parameters are the reference's, sliced.
     ref_params = dict(reference.named_parameters())
@@ -104,10 +105,11 @@ def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir
         assert [b.launched_after for b in buckets.buckets] == sorted(b.launched_after for b in buckets.buckets)
     buckets.finish()
     allreduce_sequence_parallel_grads(list(model.parameters()), ctx.tp_group)
-    ref_loss = reference(tokens[:, :-1], tokens[:, 1:])
+    ref_loss = reference(batch[:, :-1], batch[:, 1:])
     ref_loss.backward()
     ref_buckets.finish()
-    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-6
+    ref_local = reference(tokens[:, :-1], tokens[:, 1:])  # this dp rank's share of the batch
+    assert abs(loss.item() - ref_local.item()) / ref_local.item() < 1e-6
     worst = {}
     for name, param in model.named_parameters():
         grad = full_tensor(param.grad, param, ctx.tp_group)
@@ -120,7 +122,7 @@ def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir
     assert not bad, f"gradients differ from the single-process model: {bad}"
 
     # 4. The global norm counts each parameter once, whatever is split or replicated.
-    norm = global_grad_norm(list(model.parameters()), ctx.tp_group)
+    norm = global_grad_norm(list(model.parameters()), ctx.tp_group, ctx.pp_group)
     ref_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in reference.parameters())).item()
     assert abs(norm - ref_norm) / ref_norm < 1e-5, (norm, ref_norm)
 
