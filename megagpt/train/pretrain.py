@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import math
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from megagpt.config import Config, dump_config
 from megagpt.data.gpt_dataset import build_datasets
 from megagpt.errors import UserError
 from megagpt.log import get_logger
 from megagpt.model.gpt import GPT
-from megagpt.parallel.comm import barrier
+from megagpt.parallel.comm import all_gather, barrier
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.pipeline import PipelineExecutor, stage_layers, virtual_stage
@@ -108,8 +110,23 @@ def build_trainer(cfg: Config, ctx: ParallelContext, train_data, valid_data, met
     return Trainer(cfg, ctx, chunks, executor, optimizer, grads, train_data, valid_data, metrics)
 
 
+def ensure_same_config(cfg: Config, ctx: ParallelContext) -> None:
+    """Every rank must run the same config: a shape or layout that differs between ranks would otherwise show up
+    as a mismatched transfer deep inside a step. Compare a digest of the resolved config across the world."""
+    digest = hashlib.sha256(yaml.safe_dump(cfg.to_dict(), sort_keys=True).encode()).digest()[:8]
+    mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
+    everyone = all_gather(mine, 0, ctx.world_group)
+    differing = [rank for rank, value in enumerate(everyone.tolist()) if value != everyone[0].item()]
+    if differing:
+        raise UserError(
+            f"ranks {differing} run a different config than rank 0 (rank {ctx.rank} holds digest {digest.hex()}); "
+            f"launch every rank with the same --config and overrides"
+        )
+
+
 def pretrain(cfg: Config, ctx: ParallelContext) -> TrainState:
     log = get_logger()
+    ensure_same_config(cfg, ctx)
     # The first rank builds the sample-index caches; the others then load them instead of racing to write.
     if ctx.rank == 0:
         train_data, valid_data = build_data(cfg)

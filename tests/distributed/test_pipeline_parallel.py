@@ -178,3 +178,27 @@ def test_a_dead_peer_ends_the_step_with_a_named_error(tmp_path):
     assert message.startswith("pipeline stage 0 (rank 0) "), message
     assert "rank 1" in message and ("receiving" in message or "sending" in message), message
     assert seconds < 30 + 10  # within the configured timeout
+
+
+def mismatched_configs(rank, world_size, run_dir):
+    """Rank 1 is launched with another sequence length: both ranks must refuse before any transfer."""
+    from megagpt.errors import UserError
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.parallel.topology import Topology
+    from megagpt.train.pretrain import pretrain
+
+    seq = 32 if rank == 0 else 16
+    cfg = pipeline_config(1, 2, 1, False, 4, run_dir, f"model.seq_length={seq}")
+    ctx = ParallelContext.initialize(Topology(1, 1, 2), rank, torch.device("cpu"))
+    try:
+        pretrain(cfg, ctx)
+    except UserError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ranks_with_different_configs_refuse_to_start(tmp_path):
+    messages = run_world(2, mismatched_configs, str(tmp_path), timeout=120)
+    for message in messages:
+        assert message.startswith("ranks [1] run a different config than rank 0"), message
+    assert not (tmp_path / "metrics.jsonl").exists()
