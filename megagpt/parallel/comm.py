@@ -124,6 +124,16 @@ def broadcast(x: torch.Tensor, src_index: int, group: Group) -> torch.Tensor:
     return x
 
 
+def batch_send_recv(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tensor, int, int]]) -> list:
+    """Post point-to-point sends and receives, each (tensor, global peer rank, tag), as one batched isend/irecv.
+    Returns the work handles (sends first); the caller waits on them (pipeline.py, with its timeout)."""
+    ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for t, peer, tag in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer, tag=tag) for t, peer, tag in recvs]
+    for t, _, _ in sends:
+        _count("send", t)
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
 def barrier(group: Group) -> None:
     if group.size > 1:
         with named_failure("barrier", group):

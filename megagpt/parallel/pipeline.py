@@ -16,14 +16,15 @@ names the stage, the operation and the peer.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from megagpt.errors import UserError
+from megagpt.parallel.comm import batch_send_recv
 
 
 class PipelineError(UserError):
@@ -114,16 +115,23 @@ class StepRecord:
     """What one run of a schedule did on this rank (for the trainer's loss and for tests)."""
 
     losses: list[torch.Tensor] = field(default_factory=list)  # per micro-batch, last stage only
-    order: list[Action] = field(default_factory=list)
+    # (action, start, end) of each forward/backward computation, wall-clock seconds (time.time)
+    events: list[tuple[Action, float, float]] = field(default_factory=list)
     max_alive: int = 0  # most micro-batches whose activations were held at once
+    max_in_flight: int = 0  # most sent tensors not yet delivered at once
     busy_s: float = 0.0  # seconds spent computing forwards and backwards (the rest of a step is waiting)
+
+    @property
+    def order(self) -> list[Action]:
+        return [action for action, _, _ in self.events]
 
 
 class PipelineExecutor:
     """Runs schedules over this rank's model chunks.
 
     chunks[c] is this rank's model chunk c; pp_ranks are the global ranks of the pipeline group, in stage order;
-    hidden_shape is the activation shape passed between stages, (micro_batch, s or s/tp, h).
+    hidden_shape is the activation shape passed between stages, (micro_batch, s or s/tp, h), in fp32 (the
+    residual stream stays fp32 under bf16 autocast).
     """
 
     def __init__(
@@ -163,39 +171,70 @@ class PipelineExecutor:
     def _stage(self, chunk: int) -> int:
         return virtual_stage(self.pp, self.pp_rank, chunk)
 
-    def _send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
-        self._sends.append((dist.P2POp(dist.isend, tensor.contiguous(), peer, tag=tag), tensor))
+    def _receives(self, action: Action) -> bool:
+        stage = self._stage(action.chunk)
+        return stage > 0 if action.kind == "F" else stage < self.last_stage
+
+    @contextlib.contextmanager
+    def _named(self, what: str):
+        """A backend failure or timeout inside the block becomes one sentence naming this stage and the operation."""
+        try:
+            yield
+        except RuntimeError as e:
+            reason = str(e).splitlines()[0]
+            me = f"pipeline stage {self.pp_rank} (rank {self.pp_ranks[self.pp_rank]})"
+            if "timed out" in reason.lower() or "timeout" in reason.lower():
+                raise PipelineError(
+                    f"{me} timed out after {self.timeout.total_seconds():.0f}s (parallel.timeout_s) {what}: {reason}; "
+                    f"a peer process hangs or died"
+                ) from None
+            raise PipelineError(
+                f"{me} failed {what}: {reason}; a peer process died or disagrees on the layout"
+            ) from None
+
+    def _send(self, tensor: torch.Tensor, peer: int, tag: int, what: str, pair_with_next_receive: bool) -> None:
+        """Post a send now, or, when this rank's next action receives, post it together with that receive (the
+        pairing that keeps backends without tags, like NCCL, from deadlocking)."""
+        if tensor.dtype != torch.float32 or tuple(tensor.shape) != self.hidden_shape:
+            raise PipelineError(
+                f"pipeline stage {self.pp_rank} would send {what} of {tuple(tensor.shape)} {tensor.dtype}, but stages "
+                f"exchange {self.hidden_shape} float32"
+            )
+        self._sends.append((tensor.contiguous(), peer, tag))
+        if not pair_with_next_receive:
+            self._post([], f"sending {what} to rank {peer}")
+
+    def _post(self, recvs: list, what: str) -> list:
+        with self._named(what):
+            works = batch_send_recv(self._sends, recvs)
+        num_sends = len(self._sends)
+        for work, (tensor, _, tag) in zip(works, self._sends):
+            self._in_flight[tag] = (work, tensor)
+        self._sends = []
+        self._record.max_in_flight = max(self._record.max_in_flight, len(self._in_flight))
+        return works[num_sends:]
+
+    def _delivered(self, tag: int) -> None:
+        """A send known to have reached its peer: complete it and free its tensor."""
+        if tag in self._in_flight:
+            work, _ = self._in_flight.pop(tag)
+            with self._named("completing a delivered send"):
+                work.wait(self.timeout)
+
+    def _limit_in_flight(self, limit: int) -> None:
+        """Wait for the oldest gradient sends while more than `limit` are in flight. Each channel is FIFO, so the
+        oldest is the next its peer receives, and the peer needs nothing more from this rank to get there."""
+        gradient_tags = [tag for tag in self._in_flight if tag % 2 == 1]
+        for tag in gradient_tags[: max(0, len(gradient_tags) - limit)]:
+            self._delivered(tag)
 
     def _recv(self, peer: int, tag: int, what: str) -> torch.Tensor:
-        """Post the pending sends and this receive as one batch, then wait for the receive."""
         buffer = torch.empty(self.hidden_shape, dtype=torch.float32, device=self.device)
-        ops = [op for op, _ in self._sends] + [dist.P2POp(dist.irecv, buffer, peer, tag=tag)]
-        self._in_flight.extend(self._sends)
-        self._sends = []
-        works = dist.batch_isend_irecv(ops)
-        self._pending_works.extend(works[:-1])
-        self._wait(works[-1], f"receiving {what} from rank {peer}")
+        what = f"receiving {what} from rank {peer}"
+        (work,) = self._post([(buffer, peer, tag)], what)
+        with self._named(what):
+            work.wait(self.timeout)
         return buffer
-
-    def _flush_sends(self) -> None:
-        if self._sends:
-            self._pending_works.extend(dist.batch_isend_irecv([op for op, _ in self._sends]))
-            self._in_flight.extend(self._sends)
-            self._sends = []
-
-    def _wait(self, work, what: str) -> None:
-        try:
-            completed = work.wait(self.timeout)
-        except RuntimeError as e:
-            raise PipelineError(
-                f"pipeline stage {self.pp_rank} (rank {self.pp_ranks[self.pp_rank]}) failed {what}: "
-                f"{str(e).splitlines()[0]}; a peer process died or disagrees on the layout"
-            ) from None
-        if completed is False:
-            raise PipelineError(
-                f"pipeline stage {self.pp_rank} (rank {self.pp_ranks[self.pp_rank]}) timed out after "
-                f"{self.timeout.total_seconds():.0f}s {what}; a peer process hangs or died"
-            )
 
     def run(self, micro_batches: list[torch.Tensor], forward, *, backward: bool) -> StepRecord:
         """Run one step's schedule. micro_batches: this dp rank's token tensors (mbs, s + 1).
@@ -206,13 +245,13 @@ class PipelineExecutor:
             actions = schedule(self.pp, self.vpp, self.pp_rank, num)
         else:
             actions = [Action("F", c, m) for m in range(num) for c in range(self.vpp)]
-        record = StepRecord()
-        self._sends, self._in_flight, self._pending_works = [], [], []
+        record = self._record = StepRecord()
+        self._sends, self._in_flight = [], {}  # in flight: tag -> (work, tensor), oldest first
         saved: dict[tuple[int, int], tuple] = {}  # activations of micro-batches awaiting their backward
-        for action in actions:
-            record.order.append(action)
+        for i, action in enumerate(actions):
             chunk, m = action.chunk, action.micro_batch
             stage = self._stage(chunk)
+            next_receives = i + 1 < len(actions) and self._receives(actions[i + 1])
             if action.kind == "F":
                 if stage == 0:
                     x = micro_batches[m][:, :-1]
@@ -221,34 +260,40 @@ class PipelineExecutor:
                     x = self._recv(peer, self._tag("F", stage, m), f"the activation of micro-batch {m}")
                     x.requires_grad_(backward)
                 labels = micro_batches[m][:, 1:] if stage == self.last_stage else None
-                started = time.perf_counter()
+                started = time.time()
                 with torch.set_grad_enabled(backward):
                     y = forward(self.chunks[chunk], x, labels)
-                record.busy_s += time.perf_counter() - started
+                record.events.append((action, started, time.time()))
                 if stage == self.last_stage:
                     record.losses.append(y.detach())
                 else:
                     peer, _ = self._next(chunk)
-                    self._send(y.detach(), peer, self._tag("F", stage + 1, m))
+                    what = f"the activation of micro-batch {m}"
+                    self._send(y.detach(), peer, self._tag("F", stage + 1, m), what, next_receives)
                 if backward:
                     saved[(chunk, m)] = (x, y)
                     record.max_alive = max(record.max_alive, len(saved))
             else:
                 x, y = saved.pop((chunk, m))
                 if stage == self.last_stage:
-                    started = time.perf_counter()
+                    started = time.time()
                     torch.autograd.backward(y / num)  # each micro-batch's mean loss weighs 1 / num
                 else:
                     peer, _ = self._next(chunk)
                     grad = self._recv(peer, self._tag("B", stage, m), f"the gradient of micro-batch {m}")
-                    started = time.perf_counter()
+                    # The next stage sent this gradient after using our activation: that send is delivered.
+                    self._delivered(self._tag("F", stage + 1, m))
+                    started = time.time()
                     torch.autograd.backward(y, grad)
-                record.busy_s += time.perf_counter() - started
+                record.events.append((action, started, time.time()))
                 if stage > 0:
                     peer, _ = self._prev(chunk)
-                    self._send(x.grad, peer, self._tag("B", stage - 1, m))
-        self._flush_sends()
-        for work in self._pending_works:
-            self._wait(work, "sending to the next or previous stage")
-        self._in_flight, self._pending_works = [], []
+                    what = f"the gradient of micro-batch {m}"
+                    self._send(x.grad, peer, self._tag("B", stage - 1, m), what, next_receives)
+                    self._limit_in_flight(max_alive_promised(self.pp, self.vpp, self.pp_rank, num))
+        if self._sends:
+            self._post([], "sending the step's last transfers")
+        for tag in list(self._in_flight):
+            self._delivered(tag)
+        record.busy_s = sum(end - start for _, start, end in record.events)
         return record

@@ -68,9 +68,12 @@ def open_run_folder(cfg: Config) -> MetricsWriter:
 def build_model(cfg: Config, ctx: ParallelContext) -> torch.nn.ModuleList:
     """This rank's model chunks (vpp of them, each a run of layers; see parallel/pipeline.py). The same seed gives
     the same full model whatever the layout: each part's weights come from its own seed."""
-    seed_everything(cfg.train.seed)
-    rng = TensorParallelRNG(cfg.train.seed, ctx.tp_group.index, ctx.device)
     pp, vpp, pp_rank = ctx.topology.pp, cfg.parallel.vpp, ctx.pp_group.index
+    # Dropout streams differ between pipeline stages (Megatron's seed + 100 * stage), so no two stages' layers
+    # draw the same masks; the weights come from init_seed and do not depend on the stage.
+    dropout_seed = cfg.train.seed + 100 * pp_rank
+    seed_everything(dropout_seed)
+    rng = TensorParallelRNG(dropout_seed, ctx.tp_group.index, ctx.device)
     chunks = torch.nn.ModuleList()
     for chunk in range(vpp):
         stage = virtual_stage(pp, pp_rank, chunk)

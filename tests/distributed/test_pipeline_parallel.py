@@ -48,6 +48,7 @@ def pipeline_config(tp, pp, vpp, sp, layers, run_dir, *extra):
         f"logging.dir={run_dir}",
         "logging.log_interval=1",
         "logging.tensorboard=false",
+        "parallel.timeout_s=120",  # a deadlock fails the test in minutes, not the default ten
         *extra,
     )
 
@@ -73,7 +74,7 @@ def one_step_gradients(cfg, ctx):
 
 def check_pipeline_layout(rank, world_size, tp, pp, dp, vpp, sp, layers, run_dir):
     from megagpt.parallel.context import ParallelContext
-    from megagpt.parallel.pipeline import max_alive_promised, schedule
+    from megagpt.parallel.pipeline import max_alive_promised, schedule, virtual_stage
     from megagpt.parallel.topology import Topology
     from megagpt.train.pretrain import pretrain
 
@@ -97,16 +98,25 @@ def check_pipeline_layout(rank, world_size, tp, pp, dp, vpp, sp, layers, run_dir
     # The rank holds exactly its layers, and the stages together hold every layer once.
     assert len(grads) < len(ref_grads) or pp == 1
 
-    # The schedule ran as written and kept its memory promise.
+    # The schedule ran as written and kept its memory promise, sent tensors included.
     num_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
     pp_rank = ctx.pp_group.index
     assert record.order == schedule(pp, vpp, pp_rank, num_micro)
-    assert record.max_alive <= max_alive_promised(pp, vpp, pp_rank, num_micro)
+    promised = max_alive_promised(pp, vpp, pp_rank, num_micro)
+    # Sent tensors are freed once delivered, so what stays in flight is bounded by the schedule, not by the number
+    # of micro-batches: activations until their gradient returns (at most `promised`), gradients up to the
+    # executor's cap plus the one paired with the next receive.
+    assert record.max_alive <= promised, (record.max_alive, promised)
+    assert record.max_in_flight <= 2 * promised + 1, (record.max_in_flight, promised)
     if vpp == 1 and num_micro >= pp:
         assert record.max_alive == pp - pp_rank
+    events = [
+        (a.kind, virtual_stage(pp, pp_rank, a.chunk), a.micro_batch, start, end) for a, start, end in record.events
+    ]
 
     state = pretrain(cfg, ctx)
-    return [(row["loss"], row["grad_norm"], row.get("val_loss")) for row in state.history]
+    history = [(row["loss"], row["grad_norm"], row.get("val_loss")) for row in state.history]
+    return history, events, ctx.dp_group.index, ctx.tp_group.index
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +142,22 @@ def reference_runs(tmp_path_factory):
 def test_pipeline_layout_matches_single_process(tp, pp, dp, vpp, sp, layers, tmp_path, reference_runs):
     results = run_world(tp * pp * dp, check_pipeline_layout, tp, pp, dp, vpp, sp, layers, str(tmp_path / "run"))
     reference = reference_runs[layers]
-    for rank, history in enumerate(results):
+    # Across the ranks of one pipeline, each micro-batch's forward on a stage began only after the previous
+    # stage's forward of it ended, and its backward only after the next stage's backward: data really flowed
+    # stage to stage in the schedule's order.
+    timeline = {}
+    for _, events, dp_index, tp_index in results:
+        if (dp_index, tp_index) == (0, 0):
+            for kind, stage, m, start, end in events:
+                timeline[(kind, stage, m)] = (start, end)
+    last = pp * vpp - 1
+    assert len(timeline) == 2 * (last + 1) * (8 // dp)
+    for (kind, stage, m), (start, _) in timeline.items():
+        if kind == "F" and stage > 0:
+            assert start >= timeline[("F", stage - 1, m)][1]
+        if kind == "B" and stage < last:
+            assert start >= timeline[("B", stage + 1, m)][1]
+    for rank, (history, _, _, _) in enumerate(results):
         assert len(history) == STEPS
         for step, ((loss, norm, val), (ref_loss, ref_norm, ref_val)) in enumerate(zip(history, reference), 1):
             assert loss == pytest.approx(ref_loss, rel=1e-5), f"rank {rank} step {step}"
@@ -202,3 +227,56 @@ def test_ranks_with_different_configs_refuse_to_start(tmp_path):
     for message in messages:
         assert message.startswith("ranks [1] run a different config than rank 0"), message
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def hang_mid_step(rank, world_size, run_dir):
+    """Rank 1 stays alive but stops answering for longer than parallel.timeout_s; rank 0 must time out by name."""
+    from megagpt.data.gpt_dataset import SyntheticDataset
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.parallel.topology import Topology
+    from megagpt.train.pretrain import build_trainer
+
+    cfg = pipeline_config(1, 2, 1, False, 4, run_dir, "parallel.timeout_s=3")
+    ctx = ParallelContext.initialize(Topology(1, 1, 2), rank, torch.device("cpu"))
+    trainer = build_trainer(cfg, ctx, SyntheticDataset(64, 32, 1001, seed=5), None, None)
+    original, calls = trainer.forward, []
+
+    def forward(chunk, x, labels):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            time.sleep(8)  # alive, but stuck
+        return original(chunk, x, labels)
+
+    trainer.forward = forward
+    start = time.monotonic()
+    try:
+        trainer.train_step()
+    except Exception as e:  # rank 1 finds rank 0 gone once it wakes up
+        return f"{type(e).__name__}: {e}", time.monotonic() - start
+    return "no error", time.monotonic() - start
+
+
+def test_a_hung_peer_ends_the_step_after_the_timeout(tmp_path):
+    results = run_world(2, hang_mid_step, str(tmp_path), timeout=120)
+    message, seconds = results[0]
+    assert message.startswith("PipelineError: pipeline stage 0 (rank 0) timed out after 3s"), message
+    assert 3 <= seconds < 3 + 4
+
+
+def dropout_streams_per_stage(rank, world_size):
+    from megagpt.parallel.comm import all_gather
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.parallel.topology import Topology
+    from megagpt.train.pretrain import build_model
+
+    ctx = ParallelContext.initialize(Topology(1, 1, 2), rank, torch.device("cpu"))
+    (chunk,) = build_model(pipeline_config(1, 2, 1, False, 4, "unused", "model.dropout=0.5"), ctx)
+    default = torch.rand(8)
+    with next(iter(chunk.blocks.values())).attn.split_rng():
+        split = torch.rand(8)
+    draws = all_gather(torch.stack([default, split]).unsqueeze(0), 0, ctx.pp_group)
+    return not torch.equal(draws[0][0], draws[1][0]) and not torch.equal(draws[0][1], draws[1][1])
+
+
+def test_pipeline_stages_draw_different_dropout_masks():
+    assert run_world(2, dropout_streams_per_stage) == [True, True]
