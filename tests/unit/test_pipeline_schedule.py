@@ -6,7 +6,20 @@ import pytest
 
 from megagpt.parallel.pipeline import Action, max_alive_promised, schedule, stage_layers, virtual_stage
 
-CASES = [(1, 1, 4), (2, 1, 1), (2, 1, 8), (3, 1, 6), (4, 1, 4), (4, 1, 9), (2, 2, 4), (2, 2, 8), (4, 2, 8), (3, 3, 6)]
+CASES = [
+    (1, 1, 4),
+    (2, 1, 1),
+    (2, 1, 8),
+    (3, 1, 6),
+    (4, 1, 4),
+    (4, 1, 9),
+    (2, 2, 2),
+    (2, 2, 4),
+    (2, 2, 8),
+    (4, 2, 4),
+    (4, 2, 8),
+    (3, 3, 6),
+]
 
 
 @pytest.mark.parametrize("layers, pp, vpp", [(4, 2, 1), (6, 3, 1), (8, 2, 2), (24, 4, 3), (4, 4, 1)])
