@@ -20,7 +20,7 @@ Buckets are filled in reverse parameter order, the order backward produces gradi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +36,6 @@ class Bucket:
     work: object = None  # the in-flight all-reduce
     launched: bool = False
     launched_after: int = -1  # how many of all the parameters' gradients were ready when it started (observability)
-    ready: set = field(default_factory=set)
 
 
 class GradBuckets:
@@ -81,13 +80,12 @@ class GradBuckets:
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
         param.main_grad.add_(param.grad)
         param.grad = None
-        self.received[param] = self.received.get(param, 0) + 1
-        if self.received[param] < self.expected or self.dp_group.size == 1:
+        received = self.received[param] = self.received.get(param, 0) + 1
+        if received < self.expected or self.dp_group.size == 1:
             return
-        bucket = self.bucket_of[param]
-        if param in bucket.ready:
+        if received > self.expected:
             raise RuntimeError("a parameter got more gradients than micro-batches; call start_step() and zero()")
-        bucket.ready.add(param)
+        bucket = self.bucket_of[param]
         self.ready_count += 1
         bucket.pending -= 1
         if bucket.pending == 0:
@@ -123,5 +121,4 @@ class GradBuckets:
         self.received.clear()
         for bucket in self.buckets:
             bucket.pending = len(bucket.params)
-            bucket.ready.clear()
             bucket.work, bucket.launched = None, False

@@ -34,8 +34,9 @@ from megagpt.train.schedules import global_batch_size, learning_rate
 def read_batch(dataset, start: int, count: int, vocab_size: int) -> torch.Tensor:
     """Samples start .. start+count-1 stacked: (count, seq_length + 1) token ids, checked against the vocabulary."""
     tokens = torch.stack([dataset[i] for i in range(start, start + count)])
-    if int(tokens.max()) >= vocab_size or int(tokens.min()) < 0:
-        bad = int(tokens.max()) if int(tokens.max()) >= vocab_size else int(tokens.min())
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
         raise DataError(
             f"samples {start}..{start + count - 1} hold token id {bad}, outside model.vocab_size={vocab_size}; "
             f"the dataset was tokenized with another vocabulary, so re-tokenize it or set model.vocab_size"
