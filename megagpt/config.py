@@ -71,7 +71,18 @@ class TrainConfig:
         None, "[start, increment, samples]: grow the global batch from start by increment over that many samples"
     )
     seed: int = option(1234, "seed for init, dropout and data order")
-    precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "compute precision; weights stay fp32")
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", "compute dtype of the model; the optimizer keeps fp32 main weights and fp32 gradients"
+    )
+    loss_scale: float | None = option(None, "fp16: a fixed loss scale; null means the dynamic scaler below")
+    initial_loss_scale: float = option(2.0**32, "fp16: the dynamic loss scale to start from")
+    min_loss_scale: float = option(1.0, "fp16: the dynamic loss scale never goes below this")
+    loss_scale_window: int = option(1000, "fp16: double the scale after this many steps without overflow")
+    loss_scale_backoff: float = option(0.5, "fp16: multiply the scale by this on overflow (after hysteresis)")
+    hysteresis: int = option(2, "fp16: overflows tolerated before the scale is lowered (refilled on growth)")
+    max_consecutive_skips: int = option(
+        50, "fp16: stop training after this many steps in a row were skipped for overflowing gradients"
+    )
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto picks cuda when a GPU is present")
     eval_interval: int = option(0, "evaluate on the validation split every this many steps (0: only at the end)")
     eval_iters: int = option(0, "global batches per evaluation (0: no evaluation)")
@@ -112,6 +123,9 @@ class LoggingConfig:
     dir: str = option("runs/megagpt", "run folder: config.yaml, metrics.jsonl, TensorBoard events")
     log_interval: int = option(10, "log a line and a metrics row every this many steps")
     tensorboard: bool = option(True, "write TensorBoard scalars into logging.dir")
+    memory_report: bool = option(
+        True, "log each rank's memory after the first step (on CPU that step runs slower, under an allocation tracker)"
+    )
 
 
 @dataclass(frozen=True)
@@ -350,8 +364,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"model.seq_length={m.seq_length}",
         )
     check(p.grad_bucket_mb > 0, f"parallel.grad_bucket_mb={p.grad_bucket_mb} must be positive")
-    # These keys exist so configs are stable; their engines land in their own issues. Until then, refuse them
-    # loudly rather than train a different layout than the one asked for.
     check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive")
     if p.pp >= 1 and p.vpp >= 1:
         stages = p.pp * p.vpp
@@ -370,13 +382,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                 f"parallel.pp={p.pp}: make train.global_batch_size (and batch_rampup start and increment) "
                 f"multiples of micro_batch_size * dp * pp = {unit}",
             )
-    unsupported = {
-        "parallel.zero": p.zero != 0,
-        "parallel.recompute": p.recompute != "none",
-    }
-    for key, used in unsupported.items():
-        check(not used, f"{key} is not supported yet in this version; leave it at its default")
-
     for key in ("iters", "global_batch_size", "micro_batch_size"):
         check(getattr(t, key) >= 1, f"train.{key}={getattr(t, key)} must be at least 1")
     if t.micro_batch_size >= 1 and dp >= 1:
@@ -387,10 +392,17 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     if t.batch_rampup is not None and t.micro_batch_size >= 1 and dp >= 1:
         problems.extend(_rampup_problems(t.batch_rampup, t.global_batch_size, t.micro_batch_size * dp))
-    check(
-        t.precision != "fp16",
-        "train.precision=fp16 needs the dynamic loss scaler, which this version does not have yet; use bf16 or fp32",
-    )
+    if t.precision == "fp16":
+        check(t.loss_scale is None or t.loss_scale > 0, f"train.loss_scale={t.loss_scale} must be positive or null")
+        check(t.initial_loss_scale > 0, f"train.initial_loss_scale={t.initial_loss_scale} must be positive")
+        check(
+            0 < t.min_loss_scale <= t.initial_loss_scale,
+            f"train.min_loss_scale={t.min_loss_scale} must be positive and at most train.initial_loss_scale",
+        )
+        check(t.loss_scale_window >= 1, "train.loss_scale_window must be at least 1")
+        check(0 < t.loss_scale_backoff < 1, f"train.loss_scale_backoff={t.loss_scale_backoff} must be in (0, 1)")
+        check(t.hysteresis >= 1, "train.hysteresis must be at least 1")
+        check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips must be at least 1")
     check(t.eval_interval >= 0, "train.eval_interval must be 0 or more")
     check(t.eval_iters >= 0, "train.eval_iters must be 0 or more")
 

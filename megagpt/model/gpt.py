@@ -12,6 +12,14 @@ the vocabulary is padded to a multiple of make_vocab_size_divisible_by * tp and 
 enter the softmax. Sequence parallelism additionally keeps the residual stream, LayerNorms and dropouts
 sharded along the sequence, (b, s/tp, h), between the tensor-parallel blocks. With a group of one rank
 everything is the plain single-GPU model.
+
+Activation recomputation (parallel.recompute) trades compute for memory: "full" keeps only each block's input
+and reruns the block in backward; "selective" reruns only the attention core (scores, softmax, dropout, the
+product with v), whose (b, heads, s, s) tensors are the largest activations (Korthikanti et al. 2022). Dropout
+draws the same masks in the rerun (parallel/random.py).
+
+Precision: the model is built in fp32 (so every precision starts from the same weights) and cast to the compute
+dtype; the logits are taken to fp32 for the softmax and the loss.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from megagpt.config import ModelConfig, max_positions, padded_vocab_size
 from megagpt.model.attention import causal_attention
 from megagpt.parallel.comm import copy_to_group, gather_from_group, gather_from_sequence
 from megagpt.parallel.context import Group
-from megagpt.parallel.random import TensorParallelRNG
+from megagpt.parallel.random import TensorParallelRNG, checkpoint
 from megagpt.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -45,9 +53,11 @@ def layer_attention_window(cfg: ModelConfig, layer: int) -> int | None:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group, sp: bool, split_rng):
+    def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group, sp: bool, rng, recompute_core: bool):
         super().__init__()
-        self.split_rng = split_rng  # dropout on this rank's heads draws from the tp stream
+        self.rng = rng
+        self.split_rng = rng.fork if rng is not None else contextlib.nullcontext  # dropout on this rank's heads
+        self.recompute_core = recompute_core
         self.heads = divide(cfg.num_heads, tp_group.size, "num_heads")  # heads on this rank
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.window = layer_attention_window(cfg, layer)
@@ -69,10 +79,16 @@ class SelfAttention(nn.Module):
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.heads, 3, self.head_dim)  # (b, s, heads/tp, 3, d)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # each (b, heads/tp, s, d)
+        if self.recompute_core and torch.is_grad_enabled():
+            y = checkpoint(self.core, q, k, v, rng=self.rng)  # keeps q, k, v; reruns the rest in backward
+        else:
+            y = self.core(q, k, v)  # (b, heads/tp, s, d)
+        return y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout_p = self.dropout if self.training else 0.0
         with self.split_rng():
-            y = causal_attention(q, k, v, window=self.window, dropout_p=dropout_p)  # (b, heads/tp, s, d)
-        return y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
+            return causal_attention(q, k, v, window=self.window, dropout_p=dropout_p)
 
 
 class MLP(nn.Module):
@@ -89,10 +105,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group, sp: bool, split_rng, residual_rng):
+    def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group, sp: bool, rng, residual_rng, recompute: str):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.attn = SelfAttention(cfg, layer, tp_group, sp, split_rng)
+        self.attn = SelfAttention(cfg, layer, tp_group, sp, rng, recompute_core=recompute == "selective")
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.mlp = MLP(cfg, tp_group, sp)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -131,6 +147,7 @@ class GPT(nn.Module):
     sequence_parallel: keep the residual stream sharded along the sequence between blocks.
     rng: the two dropout streams (megagpt/parallel/random.py); needed when the layers are split, since
         dropout must then differ across ranks in split regions and agree in replicated ones.
+    recompute: "none", "selective" (the attention core) or "full" (each block), rerun in backward.
 
     Weights: init_seed (by default a draw from the global RNG) is the base seed, and each part (the embeddings,
     each layer) is drawn from its own seed derived from it, so every stage and layout builds the same model.
@@ -147,10 +164,15 @@ class GPT(nn.Module):
         sequence_parallel: bool = False,
         rng: TensorParallelRNG | None = None,
         init_seed: int | None = None,
+        recompute: str = "none",
     ):
         super().__init__()
         if rng is None and tp_group.size > 1:
             raise ValueError("a tensor-parallel GPT needs a TensorParallelRNG for its dropout streams")
+        if recompute not in ("none", "selective", "full"):
+            raise ValueError(f"recompute={recompute!r}; use none, selective or full")
+        self.rng = rng
+        self.recompute = recompute
         self.cfg = cfg
         self.tp_group = tp_group
         self.layers = range(cfg.num_layers) if layers is None else layers
@@ -185,7 +207,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleDict()
         for layer in self.layers:
             with seeded(base_seed, 2 + layer):
-                self.blocks[str(layer)] = Block(cfg, layer, tp_group, self.sequence_parallel, split_rng, residual_rng)
+                self.blocks[str(layer)] = Block(
+                    cfg, layer, tp_group, self.sequence_parallel, rng, residual_rng, recompute
+                )
         if post_process:
             self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
             mark_sequence_parallel(self.ln_f, self.sequence_parallel)
@@ -197,7 +221,10 @@ class GPT(nn.Module):
         if self.pre_process:
             x = self.embed(x)
         for block in self.blocks.values():
-            x = block(x)
+            if self.recompute == "full" and torch.is_grad_enabled():
+                x = checkpoint(block, x, rng=self.rng)  # keeps only x; backward reruns the block
+            else:
+                x = block(x)
         if not self.post_process:
             return x
         return self.head(self.ln_f(x), labels)

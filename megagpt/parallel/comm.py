@@ -107,6 +107,30 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
+def _own_slice(full: torch.Tensor, group: Group) -> torch.Tensor:
+    shard = full.numel() // group.size
+    return full[group.index * shard : (group.index + 1) * shard]
+
+
+def reduce_scatter_flat(full: torch.Tensor, group: Group, async_op: bool = False):
+    """Sum the flat tensor `full` over the ranks; this rank's 1/size slice of it receives its part of the sum
+    (in place; the rest of `full` is left as it was). Returns the async work handle when async_op."""
+    if group.size == 1:
+        return None
+    _count("reduce_scatter", full)
+    with named_failure("reduce-scatter", group):
+        return _reduce_scatter_flat(_own_slice(full, group), full, group=group.handle, async_op=async_op)
+
+
+def all_gather_flat(full: torch.Tensor, group: Group, async_op: bool = False):
+    """Fill the flat tensor `full` with every rank's 1/size slice of it, in place, each rank sending its own."""
+    if group.size == 1:
+        return None
+    _count("all_gather", full)
+    with named_failure("all-gather", group):
+        return _all_gather_flat(full, _own_slice(full, group), group=group.handle, async_op=async_op)
+
+
 def split(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     """This rank's slice of x along dim (no communication)."""
     if group.size == 1:

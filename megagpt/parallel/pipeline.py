@@ -130,8 +130,8 @@ class PipelineExecutor:
     """Runs schedules over this rank's model chunks.
 
     chunks[c] is this rank's model chunk c; pp_ranks are the global ranks of the pipeline group, in stage order;
-    hidden_shape is the activation shape passed between stages, (micro_batch, s or s/tp, h), in fp32 (the
-    residual stream stays fp32 under bf16 autocast).
+    hidden_shape is the activation shape passed between stages, (micro_batch, s or s/tp, h), in the model's
+    dtype (train.precision); gradients travel back in the same shape and dtype.
     """
 
     def __init__(
@@ -142,6 +142,7 @@ class PipelineExecutor:
         hidden_shape: tuple[int, ...],
         device: torch.device,
         timeout: datetime.timedelta,
+        dtype: torch.dtype = torch.float32,
     ):
         self.chunks = chunks
         self.pp = len(pp_ranks)
@@ -149,6 +150,7 @@ class PipelineExecutor:
         self.pp_rank = pp_rank
         self.pp_ranks = pp_ranks
         self.hidden_shape = hidden_shape
+        self.dtype = dtype
         self.device = device
         self.timeout = timeout
         self.last_stage = self.pp * self.vpp - 1
@@ -195,10 +197,10 @@ class PipelineExecutor:
     def _send(self, tensor: torch.Tensor, peer: int, tag: int, what: str, pair_with_next_receive: bool) -> None:
         """Post a send now, or, when this rank's next action receives, post it together with that receive (the
         pairing that keeps backends without tags, like NCCL, from deadlocking)."""
-        if tensor.dtype != torch.float32 or tuple(tensor.shape) != self.hidden_shape:
+        if tensor.dtype != self.dtype or tuple(tensor.shape) != self.hidden_shape:
             raise PipelineError(
                 f"pipeline stage {self.pp_rank} would send {what} of {tuple(tensor.shape)} {tensor.dtype}, but stages "
-                f"exchange {self.hidden_shape} float32"
+                f"exchange {self.hidden_shape} {self.dtype}"
             )
         self._sends.append((tensor.contiguous(), peer, tag))
         if not pair_with_next_receive:
@@ -229,17 +231,18 @@ class PipelineExecutor:
             self._delivered(tag)
 
     def _recv(self, peer: int, tag: int, what: str) -> torch.Tensor:
-        buffer = torch.empty(self.hidden_shape, dtype=torch.float32, device=self.device)
+        buffer = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
         what = f"receiving {what} from rank {peer}"
         (work,) = self._post([(buffer, peer, tag)], what)
         with self._named(what):
             work.wait(self.timeout)
         return buffer
 
-    def run(self, micro_batches: list[torch.Tensor], forward, *, backward: bool) -> StepRecord:
+    def run(self, micro_batches: list[torch.Tensor], forward, *, backward: bool, loss_scale: float = 1.0) -> StepRecord:
         """Run one step's schedule. micro_batches: this dp rank's token tensors (mbs, s + 1).
         forward(chunk_module, x, labels) -> the chunk's output (the mean loss on the last stage).
-        Without backward (evaluation) every micro-batch only flows forward."""
+        Without backward (evaluation) every micro-batch only flows forward. loss_scale multiplies the loss
+        before backward (fp16 loss scaling); the recorded losses are not scaled."""
         num = len(micro_batches)
         if backward:
             actions = schedule(self.pp, self.vpp, self.pp_rank, num)
@@ -277,7 +280,8 @@ class PipelineExecutor:
                 x, y = saved.pop((chunk, m))
                 if stage == self.last_stage:
                     started = time.time()
-                    torch.autograd.backward(y / num)  # each micro-batch's mean loss weighs 1 / num
+                    # Each micro-batch's mean loss weighs 1 / num.
+                    torch.autograd.backward(y * loss_scale / num)
                 else:
                     peer, _ = self._next(chunk)
                     grad = self._recv(peer, self._tag("B", stage, m), f"the gradient of micro-batch {m}")

@@ -9,13 +9,18 @@
 
 `with rng.fork():` runs a block on the tp stream and leaves the default stream where it was (Megatron's
 CudaRNGStatesTracker, for CPU and CUDA alike).
+
+`checkpoint(fn, *args, rng=rng)` is activation recomputation: keep only fn's inputs, run fn again in backward,
+with both streams rewound to where they stood in the forward, so recomputed dropout draws the same masks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
+import torch.utils.checkpoint
 
 TP_SEED_OFFSET = 2718  # Megatron's offset, so seeds never collide with the default stream's
 
@@ -59,3 +64,29 @@ class TensorParallelRNG:
             self.depth -= 1
             self.tp_state = _get_state(self.device)
             _set_state(default, self.device)
+
+    @contextlib.contextmanager
+    def replay(self, tp_state: torch.Tensor):
+        """Run the block with the tp stream at tp_state (a recomputation); afterwards it is where it was."""
+        current = self.tp_state
+        self.tp_state = tp_state
+        try:
+            yield
+        finally:
+            self.tp_state = current
+
+
+def _replay_contexts(rng: TensorParallelRNG):
+    # Called when the checkpointed forward starts: remember the tp stream, to rewind to it in the recomputation.
+    if rng.depth > 0:
+        raise RuntimeError("checkpoint() inside rng.fork(): start the checkpointed function outside the fork")
+    return contextlib.nullcontext(), rng.replay(rng.tp_state.clone())
+
+
+def checkpoint(fn, *args, rng: TensorParallelRNG | None = None):
+    """fn(*args) without keeping its intermediate activations: backward recomputes them. torch rewinds the
+    default stream (preserve_rng_state); `rng`'s tp stream is rewound here, so dropout matches on every rank."""
+    context_fn = functools.partial(_replay_contexts, rng) if rng is not None else torch.utils.checkpoint.noop_context_fn
+    return torch.utils.checkpoint.checkpoint(
+        fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn
+    )

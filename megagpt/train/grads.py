@@ -1,4 +1,8 @@
-"""After backward: finish the gradients across tensor-parallel ranks, then measure and clip their global norm."""
+"""After backward: finish the gradients across tensor-parallel ranks, then measure and clip their global norm.
+
+Each function takes parameters whose .grad is the gradient to work on and whose marks (tensor_parallel,
+sequence_parallel, embedding_replica) say how it is split: the optimizer's fp32 main pieces (train/optimizer.py).
+"""
 
 from __future__ import annotations
 
@@ -31,13 +35,15 @@ def allreduce_embedding_grads(params: list[torch.nn.Parameter], embedding_group:
             all_reduce(param.grad, embedding_group)
 
 
-def global_grad_norm(params: list[torch.nn.Parameter], tp_group: Group, pp_group: Group) -> float:
-    """L2 norm of the whole model's gradient, the same number on every rank.
+def global_grad_norm(
+    params: list[torch.nn.Parameter], tp_group: Group, pp_group: Group, dp_shards: Group | None = None
+) -> float:
+    """L2 norm of the whole model's gradient, the same number on every rank (inf or NaN if any gradient is).
 
     A tensor-parallel parameter's slices are disjoint, so each rank counts its own; a parameter replicated across
     tp is counted by the group's first rank; the last stage's copy of the tied embedding is not counted (the
     first stage's is). Pipeline stages hold disjoint layers and are summed. Data-parallel replicas hold
-    identical (reduced) grads and are not summed again.
+    identical (reduced) grads and are not summed again, unless each holds a disjoint shard (ZeRO-1: dp_shards).
     """
     counted = [
         p.grad
@@ -51,6 +57,8 @@ def global_grad_norm(params: list[torch.nn.Parameter], tp_group: Group, pp_group
         square_sum += grad.float().pow(2).sum()
     all_reduce(square_sum, tp_group)
     all_reduce(square_sum, pp_group)
+    if dp_shards is not None:
+        all_reduce(square_sum, dp_shards)
     return math.sqrt(square_sum.item())
 
 

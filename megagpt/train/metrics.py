@@ -47,6 +47,8 @@ class MetricsWriter:
                 f"grad norm {row['grad_norm']:.3f}",
                 f"{row['tokens_per_s']:,.0f} tok/s",
             ]
+        if "loss_scale" in row:
+            parts.append(f"loss scale {row['loss_scale']:g} (skipped {row['skipped_steps']})")
         if "val_loss" in row:
             parts.append(f"val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.1f})")
         elapsed = row["elapsed_s"]

@@ -1,29 +1,126 @@
-"""AdamW with GPT-3's settings; weight decay on matrices only (not on biases and LayerNorm parameters)."""
+"""AdamW with GPT-3's settings on fp32 main weights, optionally sharded across data parallelism (ZeRO-1).
+
+The model computes in its own dtype (fp32, bf16 or fp16); the optimizer never touches low-precision numbers:
+
+    model param (fp32/bf16/fp16)  --backward-->  main_grad (fp32 bucket buffer, dp-reduced; data_parallel.py)
+    main param (fp32)  <--AdamW--  main_grad
+    model param  <--copy / all-gather--  main param
+
+The optimizer works on *pieces*: 1-D ranges of the flattened model parameters, the ones GradBuckets says this rank
+owns (whole parameters with zero=0, this rank's 1/dp slices with zero=1). AdamW is elementwise, so updating a
+parameter piece by piece is exactly updating it whole. Each piece is an fp32 nn.Parameter whose .grad is a view
+of main_grad: for an fp32 model it is a view of the model parameter itself (updated in place, no copy); for
+bf16/fp16 it is an fp32 copy, the main weight, written back to the model after every step. Each piece keeps the
+marks of its parameter (tensor_parallel, sequence_parallel, embedding_replica), so the gradient reductions and
+the global norm treat it as they would the parameter.
+
+Weight decay applies to matrices only (not to biases and LayerNorm parameters), decided on the model parameter.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from megagpt.config import OptimConfig
+from megagpt.parallel.comm import all_reduce
+from megagpt.parallel.context import ParallelContext
+from megagpt.parallel.data_parallel import GradBuckets
+from megagpt.train.grads import (
+    allreduce_embedding_grads,
+    allreduce_sequence_parallel_grads,
+    clip_grads,
+    global_grad_norm,
+)
+from megagpt.train.loss_scaler import LossScaler
+
+MARKS = ("tensor_parallel", "partition_dim", "sequence_parallel", "embedding_replica")
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            # Biases and LayerNorm gains/biases are vectors; embeddings and projections are matrices.
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def decays(param: torch.nn.Parameter) -> bool:
+    # Biases and LayerNorm gains/biases are vectors; embeddings and projections are matrices.
+    return param.ndim >= 2
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        parameter_groups(model, optim.weight_decay),
-        lr=optim.lr,
-        betas=(optim.beta1, optim.beta2),
-        eps=optim.eps,
-        foreach=True,
-    )
+class MainParamOptimizer:
+    """Finishes the gradients across every group, then AdamW on this rank's fp32 main pieces.
+
+    step(lr) returns (grad_norm, skipped). With a loss scaler (fp16) the gradients are unscaled first, and a step
+    whose gradients hold inf or NaN anywhere in the world is skipped on every rank."""
+
+    def __init__(self, grads: GradBuckets, optim: OptimConfig, ctx: ParallelContext, scaler: LossScaler | None = None):
+        self.grads = grads
+        self.ctx = ctx
+        self.scaler = scaler
+        self.clip_grad = optim.clip_grad
+        self.pieces: list[tuple[torch.nn.Parameter, int, int, torch.nn.Parameter]] = []  # (model, start, end, main)
+        for param, start, end in grads.owned_pieces():
+            flat = param.detach().view(-1)[start:end]
+            main = torch.nn.Parameter(flat if param.dtype == torch.float32 else flat.float())
+            main.grad = param.main_grad.view(-1)[start:end]
+            for mark in MARKS:
+                if hasattr(param, mark):
+                    setattr(main, mark, getattr(param, mark))
+            self.pieces.append((param, start, end, main))
+        self.mains = [main for *_, main in self.pieces]
+        # An fp32 model is updated in place through its pieces; a low-precision one gets the fp32 copies back.
+        self.copies_back = any(param.dtype != torch.float32 for param, *_ in self.pieces)
+        decay = [main for param, _, _, main in self.pieces if decays(param)]
+        no_decay = [main for param, _, _, main in self.pieces if not decays(param)]
+        self.adam = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=optim.lr,
+            betas=(optim.beta1, optim.beta2),
+            eps=optim.eps,
+            foreach=True,
+        )
+        # Allocate Adam's moments now, as AdamW would at its first step, so the memory report and checkpoints
+        # see the state from the start (an fp16 run may skip its first steps).
+        for main in self.mains:
+            self.adam.state[main] = {
+                "step": torch.tensor(0.0, dtype=torch.float32),
+                "exp_avg": torch.zeros_like(main, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(main, memory_format=torch.preserve_format),
+            }
+
+    def finish_gradients(self) -> None:
+        """After backward: wait for the dp reduction, then sum what tp ranks and the tied embedding's two stages
+        hold partially. Works on this rank's pieces, which zero=1 lays out alike on every rank that must agree."""
+        self.grads.finish()
+        allreduce_sequence_parallel_grads(self.mains, self.ctx.tp_group)
+        allreduce_embedding_grads(self.mains, self.ctx.embedding_group)
+
+    def grad_norm(self) -> float:
+        ctx = self.ctx
+        dp_shards = ctx.dp_group if self.grads.shard else None
+        return global_grad_norm(self.mains, ctx.tp_group, ctx.pp_group, dp_shards)
+
+    def step(self, lr: float) -> tuple[float, bool]:
+        grads = [main.grad for main in self.mains]
+        if self.scaler is not None:
+            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+        norm = self.grad_norm()
+        if self.scaler is not None:
+            # The norm already sums over tp, pp (and dp shards); the flag makes every rank of the world agree.
+            found_inf = torch.tensor(0.0 if math.isfinite(norm) else 1.0, device=grads[0].device)
+            all_reduce(found_inf, self.ctx.world_group, op="max")
+            if found_inf.item() > 0:
+                return norm, True
+        if self.clip_grad > 0:
+            clip_grads(self.mains, self.clip_grad, norm)
+        for group in self.adam.param_groups:
+            group["lr"] = lr
+        self.adam.step()
+        if self.copies_back:
+            with torch.no_grad():
+                for param, start, end, main in self.pieces:
+                    param.view(-1)[start:end].copy_(main)
+        self.grads.gather_params()
+        return norm, False
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state on this rank: Adam's moments, plus the fp32 main weights where they are copies."""
+        moments = sum(t.numel() * t.element_size() for s in self.adam.state.values() for t in s.values() if t.ndim)
+        main_copies = sum(m.numel() * m.element_size() for m in self.mains) if self.copies_back else 0
+        return moments + main_copies

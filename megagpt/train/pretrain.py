@@ -22,10 +22,13 @@ from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.pipeline import PipelineExecutor, stage_layers, virtual_stage
 from megagpt.parallel.random import TensorParallelRNG
+from megagpt.train.loss_scaler import LossScaler
 from megagpt.train.metrics import MetricsWriter
-from megagpt.train.optimizer import build_optimizer
+from megagpt.train.optimizer import MainParamOptimizer
 from megagpt.train.schedules import total_train_samples
 from megagpt.train.trainer import Trainer, TrainState, read_batch
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def seed_everything(seed: int) -> None:
@@ -66,8 +69,9 @@ def open_run_folder(cfg: Config) -> MetricsWriter:
 
 
 def build_model(cfg: Config, ctx: ParallelContext) -> torch.nn.ModuleList:
-    """This rank's model chunks (vpp of them, each a run of layers; see parallel/pipeline.py). The same seed gives
-    the same full model whatever the layout: each part's weights come from its own seed."""
+    """This rank's model chunks (vpp of them, each a run of layers; see parallel/pipeline.py), in the compute
+    dtype. The same seed gives the same full model whatever the layout and precision: each part's weights come
+    from its own seed, drawn in fp32."""
     pp, vpp, pp_rank = ctx.topology.pp, cfg.parallel.vpp, ctx.pp_group.index
     # Dropout streams differ between pipeline stages (Megatron's seed + 100 * stage), so no two stages' layers
     # draw the same masks; the weights come from init_seed and do not depend on the stage.
@@ -87,9 +91,10 @@ def build_model(cfg: Config, ctx: ParallelContext) -> torch.nn.ModuleList:
                 sequence_parallel=cfg.parallel.sequence_parallel,
                 rng=rng,
                 init_seed=cfg.train.seed,
+                recompute=cfg.parallel.recompute,
             )
         )
-    return chunks.to(ctx.device)
+    return chunks.to(device=ctx.device, dtype=COMPUTE_DTYPES[cfg.train.precision])
 
 
 def build_executor(cfg: Config, ctx: ParallelContext, chunks: torch.nn.ModuleList) -> PipelineExecutor:
@@ -102,13 +107,36 @@ def build_executor(cfg: Config, ctx: ParallelContext, chunks: torch.nn.ModuleLis
         hidden_shape=(cfg.train.micro_batch_size, seq, cfg.model.hidden_size),
         device=ctx.device,
         timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
+        dtype=COMPUTE_DTYPES[cfg.train.precision],
+    )
+
+
+def build_loss_scaler(cfg: Config) -> LossScaler | None:
+    """fp16's loss scaler (dynamic unless train.loss_scale fixes it); None for fp32 and bf16, which need none."""
+    t = cfg.train
+    if t.precision != "fp16":
+        return None
+    return LossScaler(
+        t.loss_scale if t.loss_scale is not None else t.initial_loss_scale,
+        dynamic=t.loss_scale is None,
+        min_scale=t.min_loss_scale,
+        growth_interval=t.loss_scale_window,
+        backoff=t.loss_scale_backoff,
+        hysteresis=t.hysteresis,
+        max_consecutive_skips=t.max_consecutive_skips,
     )
 
 
 def build_trainer(cfg: Config, ctx: ParallelContext, train_data, valid_data, metrics) -> Trainer:
     chunks = build_model(cfg, ctx)
-    optimizer = build_optimizer(chunks, cfg.optim)
-    grads = GradBuckets(chunks.parameters(), ctx.dp_group, bucket_bytes=cfg.parallel.grad_bucket_mb * 2**20)
+    grads = GradBuckets(
+        chunks.parameters(),
+        ctx.dp_group,
+        bucket_bytes=cfg.parallel.grad_bucket_mb * 2**20,
+        shard=cfg.parallel.zero == 1,
+    )
+    # After GradBuckets: with zero=1 it moves the parameters into its flat buffers, and the pieces view those.
+    optimizer = MainParamOptimizer(grads, cfg.optim, ctx, build_loss_scaler(cfg))
     executor = build_executor(cfg, ctx, chunks)
     return Trainer(cfg, ctx, chunks, executor, optimizer, grads, train_data, valid_data, metrics)
 
@@ -148,7 +176,8 @@ def pretrain(cfg: Config, ctx: ParallelContext) -> TrainState:
         f"{n_params / 1e6:.2f}M parameters on this rank (vocab padded to {chunks[0].padded_vocab_size}); "
         f"layout tp={tp} dp={dp} pp={pp} vpp={cfg.parallel.vpp}, layers {[list(c.layers) for c in chunks]}, "
         f"sequence parallel {chunks[0].sequence_parallel}; {len(trainer.grads.buckets)} gradient buckets; "
-        f"device {ctx.device}, precision {cfg.train.precision}"
+        f"zero {cfg.parallel.zero}, recompute {cfg.parallel.recompute}; device {ctx.device}, precision "
+        f"{cfg.train.precision}" + (f" (loss scale {trainer.scaler.scale:g})" if trainer.scaler else "")
     )
     if metrics is not None:
         log.info(f"run folder {cfg.logging.dir}: config.yaml, metrics.jsonl" + (", TensorBoard" if metrics.tb else ""))

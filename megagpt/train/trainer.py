@@ -1,5 +1,10 @@
 """The training loop: gradient accumulation over micro-batches, clipping, AdamW, LR schedule, evaluation, logs.
 
+A step: the pipeline schedule runs forward and backward over the step's micro-batches (the loss multiplied by the
+fp16 loss scale), the optimizer finishes the gradients across groups and updates its fp32 main weights (or skips
+the step on an fp16 overflow, everywhere alike), the gradient buffers are zeroed. After the first step each rank
+reports its memory (train/memory.py).
+
 Samples are read in order from the (already shuffled) training dataset: step n consumes the next
 global_batch_size samples, whatever the layout, so the data a step sees depends only on the seed and the step.
 Micro-batch i of a step is the samples [i * mbs * dp, (i + 1) * mbs * dp) of that global batch, and data-parallel
@@ -8,7 +13,6 @@ rank d takes the d-th run of mbs samples of it (Megatron's pretraining sampler).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,17 +21,14 @@ import torch
 
 from megagpt.config import Config
 from megagpt.errors import DataError, UserError
-from megagpt.parallel.comm import all_reduce
+from megagpt.log import get_logger
+from megagpt.parallel.comm import all_gather, all_reduce
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.pipeline import PipelineExecutor
-from megagpt.train.grads import (
-    allreduce_embedding_grads,
-    allreduce_sequence_parallel_grads,
-    clip_grads,
-    global_grad_norm,
-)
+from megagpt.train.memory import MemoryReport, step_peak, tensor_bytes
 from megagpt.train.metrics import MetricsWriter
+from megagpt.train.optimizer import MainParamOptimizer
 from megagpt.train.schedules import global_batch_size, learning_rate
 
 
@@ -49,6 +50,16 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     consumed_samples: int = 0
     history: list[dict] = field(default_factory=list)  # the logged rows, also returned to callers and tests
+    memory: list[dict] = field(default_factory=list)  # after the first step: MemoryReport.as_dict() of each rank
+
+
+@dataclass
+class StepResult:
+    loss: float  # the batch's mean loss
+    grad_norm: float  # before clipping (inf or NaN on a skipped fp16 step)
+    lr: float
+    samples: int
+    skipped: bool  # fp16 gradients overflowed: no update
 
 
 class Trainer:
@@ -58,7 +69,7 @@ class Trainer:
         ctx: ParallelContext,
         chunks: torch.nn.ModuleList,
         executor: PipelineExecutor,
-        optimizer,
+        optimizer: MainParamOptimizer,
         grads: GradBuckets,
         train_data,
         valid_data,
@@ -73,13 +84,8 @@ class Trainer:
         self.train_data = train_data
         self.valid_data = valid_data
         self.metrics = metrics
+        self.scaler = optimizer.scaler  # fp16 only
         self.state = TrainState()
-        self.params = [p for p in chunks.parameters() if p.requires_grad]
-
-    def autocast(self):
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def micro_batches(self, dataset, first_sample: int, num_samples: int) -> list[torch.Tensor]:
         """This dp rank's micro-batches of the samples [first_sample, first_sample + num_samples)."""
@@ -91,8 +97,7 @@ class Trainer:
         return batches
 
     def forward(self, chunk, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        with self.autocast():
-            return chunk(x, labels)
+        return chunk(x, labels)
 
     def mean_loss(self, losses: list[torch.Tensor], num_micro_batches: int) -> float:
         """The batch's mean loss on every rank: only the last pipeline stage has the per-micro-batch losses."""
@@ -103,41 +108,60 @@ class Trainer:
 
     def compute_gradients(self, batch: int) -> tuple[float, object]:
         """Forward and backward of the next `batch` samples in the pipeline schedule's order, then the gradients
-        finished across every group: dp-averaged, sequence-parallel and tied-embedding parts summed.
+        finished across every group: dp-averaged, sequence-parallel and tied-embedding parts summed, in each
+        parameter's `main_grad` (fp32; still multiplied by the fp16 loss scale).
         Returns (the batch's mean loss, the schedule's record)."""
-        ctx = self.ctx
         self.chunks.train()
         micro_batches = self.micro_batches(self.train_data, self.state.consumed_samples, batch)
         self.grads.start_step(len(micro_batches))
         # Each micro-batch's mean loss weighs 1 / num_micro_batches; the dp average happens in the reduction.
-        record = self.executor.run(micro_batches, self.forward, backward=True)
+        loss_scale = self.scaler.scale if self.scaler is not None else 1.0
+        record = self.executor.run(micro_batches, self.forward, backward=True, loss_scale=loss_scale)
         mean_loss = self.mean_loss(record.losses, len(micro_batches))
-        if not math.isfinite(mean_loss):
+        # fp16 may overflow in the forward too; its gradients then overflow and the loss scaler skips the step.
+        if not math.isfinite(mean_loss) and self.scaler is None:
             raise UserError(
                 f"the training loss became {mean_loss} at step {self.state.step + 1}; lower optim.lr, keep "
                 f"optim.clip_grad on, or use train.precision=fp32"
             )
-        self.grads.finish()
-        allreduce_sequence_parallel_grads(self.params, ctx.tp_group)
-        allreduce_embedding_grads(self.params, ctx.embedding_group)
+        self.optimizer.finish_gradients()
         return mean_loss, record
 
-    def train_step(self) -> tuple[float, float, float, int]:
-        """One optimizer step; returns (mean loss, grad norm before clipping, lr, samples consumed)."""
-        cfg, ctx = self.cfg, self.ctx
+    def train_step(self) -> StepResult:
+        """One optimizer step (or, on an fp16 overflow, one skipped step)."""
+        cfg = self.cfg
         batch = global_batch_size(self.state.consumed_samples, cfg.train)
         mean_loss, _ = self.compute_gradients(batch)
-        grad_norm = global_grad_norm(self.params, ctx.tp_group, ctx.pp_group)
-        if cfg.optim.clip_grad > 0:
-            clip_grads(self.params, cfg.optim.clip_grad, grad_norm)
         lr = learning_rate(self.state.step, cfg.optim, cfg.train.iters)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        grad_norm, skipped = self.optimizer.step(lr)
         self.grads.zero()
         self.state.step += 1
         self.state.consumed_samples += batch
-        return mean_loss, grad_norm, lr, batch
+        if self.scaler is not None:
+            self.scaler.update(skipped, step=self.state.step)  # raises after too many overflows in a row
+        return StepResult(mean_loss, grad_norm, lr, batch, skipped)
+
+    def measured_step(self) -> StepResult:
+        """A train_step whose memory is measured: each rank's MemoryReport, gathered into state.memory and
+        logged one line per pipeline stage (the ranks of one stage hold about the same)."""
+        with step_peak(self.ctx.device) as peak:
+            result = self.train_step()
+        report = MemoryReport(
+            params_bytes=tensor_bytes(self.chunks.parameters()),
+            grads_bytes=tensor_bytes(bucket.buffer for bucket in self.grads.buckets),
+            optimizer_bytes=self.optimizer.state_bytes(),
+            peak_step_bytes=peak["peak_bytes"],
+        )
+        mine = torch.tensor(list(report.as_dict().values()), dtype=torch.float64, device=self.ctx.device)
+        everyone = all_gather(mine.unsqueeze(0), 0, self.ctx.world_group).cpu()
+        keys = list(report.as_dict())
+        self.state.memory = [dict(zip(keys, map(int, row.tolist()))) for row in everyone]
+        topology = self.ctx.topology
+        for stage in range(topology.pp):
+            rank = topology.rank(0, 0, stage)
+            line = MemoryReport(**self.state.memory[rank]).line()
+            get_logger().info(f"memory of rank {rank} (pipeline stage {stage}, after step 1): {line}")
+        return result
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -160,12 +184,19 @@ class Trainer:
         tokens_per_sample = cfg.model.seq_length
         start_time = time.perf_counter()
         window_losses, window_tokens, window_time = [], 0, 0.0
+        window_skipped = 0
+        measure_memory = cfg.logging.memory_report  # the first step of this run only
+        memory_in_row = False
         while self.state.step < cfg.train.iters:
             t0 = time.perf_counter()
-            loss, grad_norm, lr, batch = self.train_step()
+            result = self.measured_step() if measure_memory else self.train_step()
+            measure_memory = False
             window_time += time.perf_counter() - t0
-            window_losses.append(loss)
-            window_tokens += batch * tokens_per_sample
+            # A skipped fp16 step may have overflowed in the forward already; its loss says nothing.
+            if not (result.skipped and not math.isfinite(result.loss)):
+                window_losses.append(result.loss)
+            window_skipped += result.skipped
+            window_tokens += result.samples * tokens_per_sample
             step = self.state.step
             log_now = step % cfg.logging.log_interval == 0 or step == cfg.train.iters
             eval_now = self.should_evaluate(step)
@@ -173,13 +204,21 @@ class Trainer:
                 continue
             row = {
                 "step": step,
-                "loss": sum(window_losses) / len(window_losses),  # mean over the steps since the last row
-                "lr": lr,
-                "grad_norm": grad_norm,
+                # mean over the steps since the last row
+                "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
+                "lr": result.lr,
+                "grad_norm": result.grad_norm,
                 "tokens_per_s": window_tokens / window_time,
-                "global_batch_size": batch,
+                "global_batch_size": result.samples,
                 "consumed_samples": self.state.consumed_samples,
             }
+            if self.scaler is not None:
+                row["loss_scale"] = self.scaler.scale
+                row["skipped_steps"] = window_skipped  # since the last row
+                row["skipped_steps_total"] = self.scaler.total_skips
+            if self.state.memory and not memory_in_row:  # the first row carries this rank's memory report
+                row.update({f"memory_{key}": value for key, value in self.state.memory[self.ctx.rank].items()})
+                memory_in_row = True
             if eval_now:
                 val_loss = self.evaluate()
                 row["val_loss"] = val_loss
@@ -188,5 +227,5 @@ class Trainer:
             self.state.history.append(row)
             if self.metrics is not None:
                 self.metrics.write(row)
-            window_losses, window_tokens, window_time = [], 0, 0.0
+            window_losses, window_tokens, window_time, window_skipped = [], 0, 0.0, 0
         return self.state

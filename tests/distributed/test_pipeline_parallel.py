@@ -65,7 +65,7 @@ def one_step_gradients(cfg, ctx):
     grads = {}
     for chunk in trainer.chunks:
         for name, param in chunk.named_parameters():
-            grad = param.grad
+            grad = param.main_grad
             if getattr(param, "tensor_parallel", False):
                 grad = all_gather(grad, param.partition_dim, ctx.tp_group)
             grads[name] = grad

@@ -66,7 +66,7 @@ def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.data_parallel import GradBuckets
     from megagpt.parallel.topology import Topology
-    from megagpt.train.grads import allreduce_sequence_parallel_grads, global_grad_norm
+    from megagpt.train.optimizer import MainParamOptimizer
     from megagpt.train.pretrain import build_model, pretrain
 
     cfg = parity_config(tp, dp, sp, run_dir)
@@ -93,6 +93,7 @@ def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir
 
     # 3. Gradients of the loss, through the real gradient path: buckets, then the sequence-parallel all-reduce.
     buckets = GradBuckets(model.parameters(), ctx.dp_group, bucket_bytes=0.05 * 2**20)
+    optimizer = MainParamOptimizer(buckets, cfg.optim, ctx)
     ref_buckets = GradBuckets(reference.parameters(), ParallelContext.single_process().dp_group, 1e9)
     assert len(buckets.buckets) > 1
     buckets.start_step(1)
@@ -103,8 +104,7 @@ def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir
         assert all(b.launched for b in buckets.buckets)
         assert buckets.buckets[0].launched_after < len(buckets.params) // 2
         assert [b.launched_after for b in buckets.buckets] == sorted(b.launched_after for b in buckets.buckets)
-    buckets.finish()
-    allreduce_sequence_parallel_grads(list(model.parameters()), ctx.tp_group)
+    optimizer.finish_gradients()
     ref_loss = reference(batch[:, :-1], batch[:, 1:])
     ref_loss.backward()
     ref_buckets.finish()
@@ -112,8 +112,8 @@ def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir
     assert abs(loss.item() - ref_local.item()) / ref_local.item() < 1e-6
     worst = {}
     for name, param in model.named_parameters():
-        grad = full_tensor(param.grad, param, ctx.tp_group)
-        ref_grad = ref_params[name].grad
+        grad = full_tensor(param.main_grad, param, ctx.tp_group)
+        ref_grad = ref_params[name].main_grad
         if name == "wte.weight":  # padding rows: zero in both, compare the real vocabulary
             assert grad[1001:].abs().max() == 0
             grad, ref_grad = grad[:1001], ref_grad[:1001]
@@ -122,8 +122,8 @@ def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir
     assert not bad, f"gradients differ from the single-process model: {bad}"
 
     # 4. The global norm counts each parameter once, whatever is split or replicated.
-    norm = global_grad_norm(list(model.parameters()), ctx.tp_group, ctx.pp_group)
-    ref_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in reference.parameters())).item()
+    norm = optimizer.grad_norm()
+    ref_norm = torch.sqrt(sum(p.main_grad.pow(2).sum() for p in reference.parameters())).item()
     assert abs(norm - ref_norm) / ref_norm < 1e-5, (norm, ref_norm)
 
     # 5. Ten steps of the real trainer.

@@ -89,8 +89,7 @@ def test_validate_names_every_offending_value():
         ("data.split=90,x,10", "data.split '90,x,10' is not valid"),
         ("train.batch_rampup=[2,4,100]", "not a multiple of increment 4"),
         ("train.batch_rampup=[3,5,100]", "must be multiples of micro_batch_size * dp"),
-        ("train.precision=fp16", "fp16 needs the dynamic loss scaler"),
-        ("parallel.zero=1", "parallel.zero is not supported yet"),
+        ("parallel.zero=2", "parallel.zero=2 must be 0 or 1"),
         ("parallel.pp=3", "model.num_layers=4 does not split into parallel.pp * parallel.vpp = 3 * 1 = 3 equal stages"),
         ("parallel.vpp=2", "parallel.vpp=2 interleaves pipeline stages, so it needs parallel.pp > 1"),
         ("parallel.timeout_s=0", "parallel.timeout_s=0.0 must be positive"),
@@ -102,6 +101,20 @@ def test_validate_names_every_offending_value():
 )
 def test_validate_rejects_impossible_values(override, expected):
     assert expected in _problems(override)
+
+
+def test_fp16_loss_scaler_settings_are_checked():
+    msg = _problems(
+        "train.precision=fp16",
+        "train.min_loss_scale=8",
+        "train.initial_loss_scale=4",
+        "train.loss_scale_backoff=1",
+        "train.hysteresis=0",
+    )
+    assert "train.min_loss_scale=8.0 must be positive and at most train.initial_loss_scale" in msg
+    assert "train.loss_scale_backoff=1.0 must be in (0, 1)" in msg
+    assert "train.hysteresis must be at least 1" in msg
+    validate(config_from_dict({"preset": "tiny-cpu"}, ["train.precision=fp16", "parallel.zero=1"]))
 
 
 def test_data_blend_and_validation_split_checks():

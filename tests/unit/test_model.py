@@ -138,18 +138,24 @@ def test_mlp_is_gelu_tanh_of_width_4h():
 
 
 def test_optimizer_has_gpt3_settings_and_no_decay_on_vectors():
-    from megagpt.train.optimizer import build_optimizer
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.parallel.data_parallel import GradBuckets
+    from megagpt.train.optimizer import MainParamOptimizer
 
     model, _ = _model()
-    cfg = tiny_config().optim
-    optimizer = build_optimizer(model, cfg)
-    decay, no_decay = optimizer.param_groups
+    ctx = ParallelContext.single_process()
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = MainParamOptimizer(GradBuckets(model.parameters(), ctx.dp_group, 1e9), tiny_config().optim, ctx)
+    decay, no_decay = optimizer.adam.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert (decay["betas"], decay["eps"]) == ((0.9, 0.95), 1e-8)
-    names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for p in decay["params"]}
-    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    model_param = {id(main): param for param, _, _, main in optimizer.pieces}
+    decayed = {names[id(model_param[id(p)])] for p in decay["params"]}
+    not_decayed = {names[id(model_param[id(p)])] for p in no_decay["params"]}
     assert "wte.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed
     assert "blocks.0.ln_1.weight" in not_decayed and "blocks.0.attn.qkv.bias" in not_decayed
     assert "ln_f.bias" in not_decayed and "blocks.0.mlp.proj.bias" in not_decayed
     assert decayed | not_decayed == set(names.values()) and not decayed & not_decayed
+    # An fp32 model is its own main weight: the pieces are views of the parameters, updated in place.
+    assert not optimizer.copies_back
+    assert all(main.data_ptr() == param.data_ptr() for param, _, _, main in optimizer.pieces)
