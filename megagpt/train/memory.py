@@ -35,14 +35,17 @@ class AllocationTracker(TorchDispatchMode):
             self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # An output that shares an input's storage (a view, an in-place write, a collective on a buffer)
+        # allocated nothing, whether or not that storage was made inside the block.
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if _real(t)}
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            if not _real(tensor):
                 continue
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
-            if key in self._alive or storage.nbytes() == 0:
-                continue  # a view of, or an in-place write into, a storage already counted
+            if key in self._alive or key in inputs or storage.nbytes() == 0:
+                continue
             nbytes = storage.nbytes()
             # torch keeps a storage's Python object alive as long as the storage, so the weak reference
             # dies exactly when the memory is released.
@@ -50,6 +53,10 @@ class AllocationTracker(TorchDispatchMode):
             self.live += nbytes
             self.peak = max(self.peak, self.live)
         return out
+
+
+def _real(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type != "meta"
 
 
 @contextlib.contextmanager

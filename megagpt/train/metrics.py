@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from pathlib import Path
 
 from megagpt.log import get_logger
@@ -26,7 +27,9 @@ class MetricsWriter:
             self.tb = SummaryWriter(log_dir=str(run_dir))
 
     def write(self, row: dict) -> None:
-        self.jsonl.write(json.dumps(row) + "\n")
+        # Strict JSON: a skipped fp16 step's inf/NaN gradient norm (or loss) is written as null.
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        self.jsonl.write(json.dumps(finite, allow_nan=False) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             for key, value in row.items():

@@ -19,8 +19,6 @@ Weight decay applies to matrices only (not to biases and LayerNorm parameters), 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from megagpt.config import OptimConfig
@@ -97,16 +95,9 @@ class MainParamOptimizer:
         return global_grad_norm(self.mains, ctx.tp_group, ctx.pp_group, dp_shards)
 
     def step(self, lr: float) -> tuple[float, bool]:
-        grads = [main.grad for main in self.mains]
-        if self.scaler is not None:
-            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+        if self.scaler is not None and self.unscale_and_find_inf():
+            return self.grad_norm(), True
         norm = self.grad_norm()
-        if self.scaler is not None:
-            # The norm already sums over tp, pp (and dp shards); the flag makes every rank of the world agree.
-            found_inf = torch.tensor(0.0 if math.isfinite(norm) else 1.0, device=grads[0].device)
-            all_reduce(found_inf, self.ctx.world_group, op="max")
-            if found_inf.item() > 0:
-                return norm, True
         if self.clip_grad > 0:
             clip_grads(self.mains, self.clip_grad, norm)
         for group in self.adam.param_groups:
@@ -118,6 +109,18 @@ class MainParamOptimizer:
                     param.view(-1)[start:end].copy_(main)
         self.grads.gather_params()
         return norm, False
+
+    def unscale_and_find_inf(self) -> bool:
+        """Divide the gradients by the loss scale; True when any rank of the world holds an inf or NaN in any of
+        its pieces (replicated ones included, which the norm counts on one rank only), the same on every rank."""
+        grads = [main.grad for main in self.mains]
+        device = grads[0].device if grads else self.ctx.device
+        found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        inv_scale = torch.full((), 1.0 / self.scaler.scale, dtype=torch.float32, device=device)
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+        all_reduce(found_inf, self.ctx.world_group, op="max")
+        return found_inf.item() > 0
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state on this rank: Adam's moments, plus the fp32 main weights where they are copies."""

@@ -3,7 +3,8 @@
 - zero=1 trains exactly what one process with zero=0 trains (fp32, 10 steps, losses to 1e-5), with dp, tp +
   sequence parallelism and pipeline stages; each rank's optimizer state is 1/dp of the unsharded one.
 - recompute full and selective give the losses of recompute none with dropout on, under tp x pp.
-- an inf gradient on one rank makes every rank skip the step and lower the fp16 loss scale.
+- an inf gradient on one rank makes every rank skip the step and lower the fp16 loss scale, even in a replicated
+  parameter the gradient norm counts on another rank only; fp16's unscaled gradient norm under tp x pp is fp32's.
 """
 
 from __future__ import annotations
@@ -29,24 +30,23 @@ def losses_of(state) -> list[tuple[float, float]]:
 
 
 def fp16_overflow_check(ctx, run_dir: str, poisoned_rank: int) -> list[tuple]:
-    """Train 6 fp16 steps (zero=1); on `poisoned_rank` put an inf into a gradient at steps 3 and 4. Returns, per
-    step: (skipped, scale before, scale after, whether any parameter changed)."""
+    """Train 6 fp16 steps at tp 2 x pp 2; on `poisoned_rank` (tp rank 1) put an inf into the gradient of a
+    parameter replicated across tp, which the gradient norm counts on tp rank 0 only, at steps 3 and 4. Returns,
+    per step: (skipped, scale before, scale after, whether any parameter changed)."""
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.train.pretrain import build_trainer
 
-    dp = ctx.dp_group.size
-    cfg = pipeline_config(
-        1, 1, 1, False, 4, run_dir, "train.precision=fp16", "train.initial_loss_scale=1024", "parallel.zero=1"
-    )
+    cfg = pipeline_config(2, 2, 1, False, 4, run_dir, "train.precision=fp16", "train.initial_loss_scale=1024")
     data = SyntheticDataset(64, cfg.model.seq_length, cfg.model.vocab_size, seed=5)
     trainer = build_trainer(cfg, ctx, data, None, None)
-    assert ctx.dp_group.size == dp and trainer.grads.shard
     finish = trainer.optimizer.finish_gradients
+    replicated = next(m for m in trainer.optimizer.mains if not getattr(m, "tensor_parallel", False))
 
     def finish_then_poison():
         finish()
         if ctx.rank == poisoned_rank and trainer.state.step + 1 in (3, 4):
-            trainer.optimizer.mains[-1].grad[0] = math.inf
+            assert ctx.tp_group.index == 1
+            replicated.grad[0] = math.inf
 
     trainer.optimizer.finish_gradients = finish_then_poison
     rows = []
@@ -66,10 +66,7 @@ def check_zero(rank, world_size, tp, pp, dp, sp, run_dir):
 
     ctx = ParallelContext.initialize(Topology(tp, dp, pp), rank, torch.device("cpu"))
     state = pretrain(pipeline_config(tp, pp, 1, sp, 4, run_dir, "parallel.zero=1"), ctx)
-    result = {"losses": losses_of(state), "memory": state.memory[rank]}
-    if (tp, pp, dp) == (1, 1, 4):
-        result["fp16"] = fp16_overflow_check(ctx, run_dir, poisoned_rank=3)
-    return result
+    return {"losses": losses_of(state), "memory": state.memory[rank]}
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +96,6 @@ def test_zero1_matches_unsharded_training(tp, pp, dp, sp, tmp_path, unsharded):
             assert result["memory"]["optimizer_bytes"] * dp == pytest.approx(whole, rel=1e-3)
             assert result["memory"]["params_bytes"] == unsharded["memory"]["params_bytes"]
 
-    if "fp16" in results[0]:
-        for rank, rows in enumerate(r["fp16"] for r in results):
-            skipped = [row[0] for row in rows]
-            assert skipped == [False, False, True, True, False, False], f"rank {rank}"
-            # Hysteresis 2: the first overflow only skips, the second also halves the scale.
-            assert [(before, after) for _, before, after, _ in rows[2:4]] == [(1024, 1024), (1024, 512)]
-            assert [changed for *_, changed in rows] == [not s for s in skipped], f"rank {rank}"
-
 
 def check_recompute(rank, world_size, run_dir):
     from megagpt.parallel.context import ParallelContext
@@ -120,12 +109,29 @@ def check_recompute(rank, world_size, run_dir):
             2, 2, 1, True, 4, f"{run_dir}/{mode}", "model.dropout=0.2", f"parallel.recompute={mode}", "train.iters=4"
         )
         curves[mode] = losses_of(pretrain(cfg, ctx))
+    # fp16 with a fixed scale: the loss is scaled once (on the last stage) and the gradients unscaled once.
+    cfg = pipeline_config(
+        2, 2, 1, True, 4, f"{run_dir}/fp16", "model.dropout=0.2", "train.iters=4", "train.precision=fp16",
+        "train.loss_scale=1024",
+    )  # fmt: skip
+    curves["fp16"] = losses_of(pretrain(cfg, ctx))
+    curves["overflow"] = fp16_overflow_check(ctx, f"{run_dir}/overflow", poisoned_rank=1)
     return curves
 
 
-def test_recompute_matches_with_dropout_under_tensor_and_pipeline_parallelism(tmp_path):
+def test_recompute_and_fp16_under_tensor_and_pipeline_parallelism(tmp_path):
     for rank, curves in enumerate(run_world(4, check_recompute, str(tmp_path))):
         for mode in ("selective", "full"):
             for (loss, norm), (want_loss, want_norm) in zip(curves[mode], curves["none"]):
                 assert loss == pytest.approx(want_loss, rel=1e-6), (rank, mode)
                 assert norm == pytest.approx(want_norm, rel=1e-5), (rank, mode)
+        # fp16's unscaled gradient norm is fp32's up to fp16 rounding (a missing or doubled scale is 1024x off).
+        for (loss, norm), (want_loss, want_norm) in zip(curves["fp16"], curves["none"]):
+            assert loss == pytest.approx(want_loss, rel=1e-2) and norm == pytest.approx(want_norm, rel=2e-2), rank
+
+        rows = curves["overflow"]
+        skipped = [row[0] for row in rows]
+        assert skipped == [False, False, True, True, False, False], f"rank {rank}"
+        # Hysteresis 2: the first overflow only skips, the second also halves the scale.
+        assert [(before, after) for _, before, after, _ in rows[2:4]] == [(1024, 1024), (1024, 512)]
+        assert [changed for *_, changed in rows] == [not s for s in skipped], f"rank {rank}"

@@ -4,6 +4,7 @@ and fp16 that cannot stop overflowing ends with a clear message instead of skipp
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 
@@ -50,6 +51,11 @@ def test_low_precision_tracks_the_fp32_loss_curve(curves, precision):
     # Each 10-step mean within 3% of fp32's from step 50 on, the final validation loss within 2%.
     for row, ref in zip(got[4:], want[4:]):
         assert row["loss"] == pytest.approx(ref["loss"], rel=0.03), (precision, row["step"])
+    # The gradients reach the optimizer unscaled: their norm is fp32's (a loss-scale slip is 65536x off). Single
+    # steps' norms are spiky once the runs part, so compare step 10 (still together) and the median.
+    assert got[0]["grad_norm"] == pytest.approx(want[0]["grad_norm"], rel=0.02)
+    median = statistics.median(row["grad_norm"] for row in got)
+    assert median == pytest.approx(statistics.median(row["grad_norm"] for row in want), rel=0.3)
     assert got[-1]["val_loss"] == pytest.approx(want[-1]["val_loss"], rel=0.02)
 
 

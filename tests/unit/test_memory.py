@@ -14,10 +14,12 @@ def test_tracker_counts_live_storages_and_their_peak():
         b = torch.ones(MIB // 2)  # 2 MiB
         view = b[:10]  # a view allocates nothing
         b.add_(1)  # neither does an in-place op
+        keep[:10].mul_(2).t()  # nor views of, or writes into, storages from before the block
+        torch.nn.functional.linear(torch.ones(1, 4), keep.view(-1, 4)[:8])  # only its input and (1, 8) output count
         del a
         c = torch.ones(MIB // 8)  # 0.5 MiB
         assert tracker.live == int(2.5 * MIB)
-    assert tracker.peak == 3 * MIB
+    assert tracker.peak == 3 * MIB + 16 + 32  # a, b, and the linear's 16-byte input and 32-byte output
     del b, view, c
     assert tracker.live == 0 and keep.numel()
 
