@@ -392,6 +392,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     if t.batch_rampup is not None and t.micro_batch_size >= 1 and dp >= 1:
         problems.extend(_rampup_problems(t.batch_rampup, t.global_batch_size, t.micro_batch_size * dp))
+    check(
+        t.loss_scale is None or t.precision == "fp16",
+        f"train.loss_scale={t.loss_scale} only applies to train.precision=fp16 (got {t.precision}); unset it",
+    )
     if t.precision == "fp16":
         check(t.loss_scale is None or t.loss_scale > 0, f"train.loss_scale={t.loss_scale} must be positive or null")
         check(t.initial_loss_scale > 0, f"train.initial_loss_scale={t.initial_loss_scale} must be positive")
