@@ -42,6 +42,9 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = option(128, "pad the embedding rows to a multiple of this (times tp)")
     attention_pattern: list[str] = option(["dense", "local"], "per-layer attention kinds, cycled over the layers")
     local_window: int = option(256, "a local layer's token i sees keys j with i - local_window < j <= i")
+    attention_backend: Literal["auto", "sdpa", "blocked", "flex", "fused_softmax"] = option(
+        "auto", "how attention is computed (megagpt/model/attention.py); auto picks per device and layer kind"
+    )
     dropout: float = option(0.1, "dropout on embeddings, attention probabilities and residual branches")
     qkv_bias: bool = option(True, "bias on the query/key/value projection")
     layernorm_epsilon: float = option(1e-5, "LayerNorm epsilon")
@@ -338,6 +341,17 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for kind in m.attention_pattern:
         check(kind in ("dense", "local"), f"model.attention_pattern holds '{kind}'; allowed kinds: dense, local")
     check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    if m.attention_backend == "flex":
+        check(
+            m.dropout == 0.0,
+            f"model.attention_backend=flex has no attention dropout but model.dropout={m.dropout}; "
+            f"set model.dropout=0 or use attention_backend=auto",
+        )
+        check(
+            t.device == "cuda",
+            f"model.attention_backend=flex trains only on CUDA (FlexAttention has no backward on CPU) but "
+            f"train.device={t.device}; set train.device=cuda or use attention_backend=auto",
+        )
     check(m.layernorm_epsilon > 0, "model.layernorm_epsilon must be positive")
     check(m.init_std > 0, "model.init_std must be positive")
 

@@ -1,34 +1,150 @@
-"""Causal attention, dense or locally banded (GPT-3's sparse layers).
+"""Causal attention, dense or locally banded (GPT-3's sparse layers), on every backend.
 
-`causal_attention` is the one entry point the model calls. window=None is dense causal attention; window=w
-lets query i see keys j with i - w < j <= i. This version computes the band with a boolean mask over the
-full (s, s) score matrix, which is exact but O(s^2); block-sparse O(s * w) backends plug in behind the
-same signature.
+`causal_attention` is the one entry point the model calls. window=None is dense causal attention; window=w lets
+query i see keys j with i - w < j <= i (a window as long as the sequence is dense). Backends:
+
+    sdpa           torch's scaled_dot_product_attention (Flash on GPU): dense causal; a window becomes a band
+                   mask over the full (s, s) scores, exact but O(s^2)
+    blocked        the band block by block (blocked_attention.py): O(s * w) compute and memory; any device,
+                   backward and dropout
+    flex           FlexAttention with a sliding-window block mask, compiled on GPU; no dropout, and no backward
+                   on CPU (there it serves inference only)
+    fused_softmax  Megatron's path: scores matmul, megagpt.kernels.scaled_masked_softmax with the band honoured,
+                   dropout, matmul; O(s^2)
+
+"auto" picks sdpa for dense layers and, for local ones, flex on CUDA when it can serve the call (no dropout),
+else blocked. A backend asked for by name that cannot serve the call raises AttentionBackendError saying why.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
+from megagpt.errors import UserError
+from megagpt.kernels import scaled_masked_softmax
+from megagpt.kernels.softmax import causal_band_mask
+from megagpt.model.blocked_attention import banded_attention
 
-@functools.lru_cache(maxsize=16)
-def band_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
-    """(s, s) bool, True where query i may attend key j: i - window < j <= i."""
-    i = torch.arange(seq_len, device=device).unsqueeze(1)
-    j = torch.arange(seq_len, device=device).unsqueeze(0)
-    return (j <= i) & (j > i - window)
+BACKENDS = ("auto", "sdpa", "blocked", "flex", "fused_softmax")
+
+
+class AttentionBackendError(UserError):
+    """An attention backend was asked for a call it cannot serve."""
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None, dropout_p: float = 0.0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """q, k, v: (b, heads, s, head_dim) -> (b, heads, s, head_dim); scores scaled by 1/sqrt(head_dim)."""
-    seq_len = q.shape[-2]
-    if window is None or window >= seq_len:
-        # A window as long as the sequence is the dense causal mask.
+    if window is not None and window < 1:
+        raise ValueError(f"window={window} must be at least 1 (or None for dense attention)")
+    if window is not None and window >= q.shape[-2]:
+        window = None  # the band covers every earlier key: dense causal attention
+    if backend == "auto":
+        backend = pick_backend(q, k, v, window=window, dropout_p=dropout_p)
+    else:
+        reason = cannot_serve(backend, q, k, v, window=window, dropout_p=dropout_p)
+        if reason:
+            raise AttentionBackendError(f"attention backend '{backend}' cannot serve this call: {reason}")
+    return _IMPLEMENTATIONS[backend](q, k, v, window, dropout_p)
+
+
+def pick_backend(q, k, v, *, window: int | None, dropout_p: float) -> str:
+    """What "auto" runs: sdpa for dense layers; for local ones flex where it can serve, else blocked."""
+    if window is None:
+        return "sdpa"
+    if q.is_cuda and not cannot_serve("flex", q, k, v, window=window, dropout_p=dropout_p):
+        return "flex"
+    return "blocked"
+
+
+def cannot_serve(backend: str, q, k, v, *, window: int | None, dropout_p: float) -> str | None:
+    """Why `backend` cannot run this call, or None if it can."""
+    if backend not in _IMPLEMENTATIONS:
+        return f"unknown backend; choose one of {', '.join(BACKENDS)}"
+    if backend == "flex":
+        if _flex_module() is None:
+            return "torch.nn.attention.flex_attention is missing (it needs torch 2.5 or newer)"
+        if dropout_p > 0.0:
+            return "FlexAttention has no attention dropout; set model.dropout=0 or use blocked"
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if not q.is_cuda and needs_grad:
+            return "FlexAttention has no backward on CPU; use blocked (or auto)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The backends. Each takes (q, k, v, window, dropout_p) with window None for dense causal attention.
+
+
+def _sdpa(q, k, v, window, dropout_p):
+    if window is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    mask = band_mask(seq_len, window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    visible = ~causal_band_mask(q.shape[-2], k.shape[-2], window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
+
+
+def _blocked(q, k, v, window, dropout_p):
+    if window is None:  # dense layers have nothing to skip: the fused dense kernel is the right tool
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return banded_attention(q, k, v, window, dropout_p)
+
+
+def _fused_softmax(q, k, v, window, dropout_p):
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (b, heads, s, s)
+    probs = scaled_masked_softmax(scores, 1.0 / math.sqrt(q.shape[-1]), causal=True, window=window)
+    probs = F.dropout(probs, p=dropout_p) if dropout_p > 0.0 else probs
+    return torch.matmul(probs, v)
+
+
+def _flex(q, k, v, window, dropout_p):
+    flex = _flex_module()
+    s = q.shape[-2]
+    block_mask = _flex_block_mask(s, window, str(q.device))
+    if q.is_cuda:
+        return _compiled_flex()(q, k, v, block_mask=block_mask)
+    # On CPU only inference gets here (cannot_serve), and flex refuses inputs that require grad even under
+    # no_grad; eager flex also warns that it is unfused, which is all CPU has.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return flex.flex_attention(q.detach(), k.detach(), v.detach(), block_mask=block_mask)
+
+
+_IMPLEMENTATIONS = {"sdpa": _sdpa, "blocked": _blocked, "flex": _flex, "fused_softmax": _fused_softmax}
+
+
+@functools.cache
+def _flex_module():
+    try:
+        import torch.nn.attention.flex_attention as flex
+    except ImportError:
+        return None
+    return flex
+
+
+@functools.cache
+def _compiled_flex():
+    # FlexAttention is only fused (and only fast) when compiled.
+    return torch.compile(_flex_module().flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _flex_block_mask(seq_len: int, window: int | None, device: str):
+    def causal_band(batch, head, query, key):
+        visible = key <= query
+        if window is not None:
+            visible = visible & (key > query - window)
+        return visible
+
+    return _flex_module().create_block_mask(causal_band, None, None, seq_len, seq_len, device=device)

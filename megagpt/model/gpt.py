@@ -5,7 +5,9 @@
                   -> final LN -> logits against the token embedding (tied) -> cross entropy
 
 Layer l's attention is model.attention_pattern[l % len(pattern)]: "dense" (causal) or "local" (a causal band
-of model.local_window keys), so the GPT-3 default [dense, local] makes layer 0 dense, layer 1 local, ...
+of model.local_window keys), so the GPT-3 default [dense, local] makes layer 0 dense, layer 1 local, ... (the
+convention of Hugging Face GPT-Neo's attention_types). model.attention_backend picks how attention is computed
+(attention.py); local layers cost O(s * local_window) on every backend but sdpa and fused_softmax.
 
 Tensor parallelism: heads and the MLP's 4h width are split across the tp group (shapes below show /tp);
 the vocabulary is padded to a multiple of make_vocab_size_divisible_by * tp and the padded logits never
@@ -61,6 +63,7 @@ class SelfAttention(nn.Module):
         self.heads = divide(cfg.num_heads, tp_group.size, "num_heads")  # heads on this rank
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.window = layer_attention_window(cfg, layer)
+        self.backend = cfg.attention_backend
         self.dropout = cfg.dropout
         h = cfg.hidden_size
         # Fused q, k, v with the output laid out per head as [q | k | v] (Megatron's layout), so a contiguous
@@ -88,7 +91,7 @@ class SelfAttention(nn.Module):
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout_p = self.dropout if self.training else 0.0
         with self.split_rng():
-            return causal_attention(q, k, v, window=self.window, dropout_p=dropout_p)
+            return causal_attention(q, k, v, window=self.window, dropout_p=dropout_p, backend=self.backend)
 
 
 class MLP(nn.Module):

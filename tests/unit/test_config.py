@@ -161,3 +161,13 @@ def test_vocab_padding_rule():
     cfg = Config()
     assert padded_vocab_size(cfg.model) == 50304
     assert padded_vocab_size(cfg.model, tp=8) == 51200
+
+
+def test_flex_attention_is_refused_where_it_cannot_train():
+    msg = _problems("model.attention_backend=flex", "model.dropout=0.1", "train.device=cpu")
+    assert "model.attention_backend=flex has no attention dropout but model.dropout=0.1" in msg
+    assert "model.attention_backend=flex trains only on CUDA" in msg
+    with pytest.raises(ConfigError, match="model.attention_backend"):
+        config_from_dict({"preset": "tiny-cpu"}, ["model.attention_backend=splash"])
+    for backend in ("auto", "sdpa", "blocked", "fused_softmax"):
+        validate(config_from_dict({"preset": "tiny-cpu"}, [f"model.attention_backend={backend}", "model.dropout=0.1"]))

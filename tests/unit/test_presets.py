@@ -14,7 +14,8 @@ def test_gpt3_preset_matches_the_paper(name):
     validate(cfg, 1)
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.seq_length) == (layers, hidden, 2048)
     assert cfg.model.hidden_size % cfg.model.num_heads == 0
-    assert cfg.model.attention_pattern == ["dense", "local"]
+    assert cfg.model.attention_pattern == ["dense", "local"]  # layer 0 dense, as GPT-Neo's attention_types
+    assert (cfg.model.local_window, cfg.model.attention_backend) == (256, "auto")
     assert cfg.optim.lr == lr and cfg.optim.min_lr == pytest.approx(lr / 10)
     assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay) == (0.9, 0.95, 0.1)
     # The paper's token budgets, counted through the batch ramp-up from 32k tokens

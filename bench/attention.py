@@ -1,0 +1,131 @@
+"""Local (banded) attention against dense causal attention, alone and inside a model step.
+
+    python bench/attention.py [--seq 2048] [--window 256] [--heads 12] [--reps 10] [--layers 4] [--hidden 768]
+
+1. Attention alone, forward + backward on (1, heads, seq, 64): every backend that can train on this device for a
+   local layer, and dense causal sdpa (Flash) as the peer. Printed: median time and the ratio to dense.
+2. A model step (forward + backward of the GPT, no optimizer) with attention_pattern [dense, local] against
+   [dense]: the whole-step ratio, which is what a user gains.
+
+All runs are interleaved (each repetition runs every contender once) so drifts in machine speed hit all alike,
+and the ratios compare medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(contenders: dict, reps: int) -> dict[str, float]:
+    """Median seconds per contender; one warm-up round first."""
+    times = {name: [] for name in contenders}
+    for rep in range(reps + 1):
+        for name, fn in contenders.items():
+            t = timed(fn)
+            if rep:
+                times[name].append(t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def attention_contenders(args, device, dtype) -> dict:
+    from megagpt.model.attention import cannot_serve, causal_attention
+
+    shape = (1, args.heads, args.seq, 64)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device=device, dtype=dtype)
+
+    def run(window, backend):
+        def step():
+            out = causal_attention(q, k, v, window=window, backend=backend)
+            out.backward(grad)
+
+        return step
+
+    contenders = {"dense causal (sdpa)": run(None, "sdpa")}
+    for backend in ("blocked", "flex", "sdpa", "fused_softmax"):
+        if not cannot_serve(backend, q, k, v, window=args.window, dropout_p=0.0):
+            contenders[f"local {args.window} ({backend})"] = run(args.window, backend)
+    return contenders
+
+
+def model_contenders(args, device, dtype) -> dict:
+    from megagpt.config import config_from_dict
+    from megagpt.model.gpt import GPT
+    from megagpt.parallel.context import Group
+
+    contenders = {}
+    tokens = torch.randint(0, 50257, (1, args.seq + 1), device=device)
+    for pattern in ("[dense]", "[dense,local]"):
+        cfg = config_from_dict(
+            {"preset": "tiny-cpu"},
+            [
+                f"model.num_layers={args.layers}",
+                f"model.hidden_size={args.hidden}",
+                f"model.num_heads={args.hidden // 64}",
+                f"model.seq_length={args.seq}",
+                f"model.local_window={args.window}",
+                f"model.attention_pattern={pattern}",
+                "model.vocab_size=50257",
+                "model.dropout=0.0",
+            ],
+        ).model
+        model = GPT(cfg, Group.solo(), init_seed=0).to(device=device, dtype=dtype)
+
+        def step(model=model):
+            model(tokens[:, :-1], tokens[:, 1:]).backward()
+            model.zero_grad(set_to_none=True)
+
+        contenders[f"model step {pattern}"] = step
+    return contenders
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--model-reps", type=int, default=3, help="0 skips the model step")
+    args = parser.parse_args()
+
+    if torch.cuda.is_available():
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        what = f"{torch.cuda.get_device_name()}, bf16"
+    else:
+        device, dtype = torch.device("cpu"), torch.float32
+        what = f"CPU, {torch.get_num_threads()} threads, fp32"
+    print(f"# {what}; seq {args.seq}, head_dim 64, {args.heads} heads, window {args.window}, torch {torch.__version__}")
+
+    times = interleaved(attention_contenders(args, device, dtype), args.reps)
+    dense = times["dense causal (sdpa)"]
+    print(f"\n## attention forward+backward (median of {args.reps})")
+    for name, t in times.items():
+        print(f"{name:32s} {t * 1e3:9.1f} ms   {t / dense:6.3f} x dense")
+
+    if not args.model_reps:
+        return
+    times = interleaved(model_contenders(args, device, dtype), args.model_reps)
+    dense = times["model step [dense]"]
+    print(f"\n## GPT forward+backward, {args.layers} layers, hidden {args.hidden} (median of {args.model_reps})")
+    for name, t in times.items():
+        print(f"{name:32s} {t * 1e3:9.1f} ms   {t / dense:6.3f} x all-dense")
+
+
+if __name__ == "__main__":
+    main()
