@@ -1,14 +1,15 @@
 """Local (banded) attention against dense causal attention, alone and inside a model step.
 
-    python bench/attention.py [--seq 2048] [--window 256] [--heads 12] [--reps 10] [--layers 4] [--hidden 768]
+    python bench/attention.py [--seq 2048] [--window 256] [--heads 12] [--reps 10]
+                              [--layers 4] [--hidden 768] [--vocab 50257] [--model-reps 3]
 
 1. Attention alone, forward + backward on (1, heads, seq, 64): every backend that can train on this device for a
-   local layer, and dense causal sdpa (Flash) as the peer. Printed: median time and the ratio to dense.
+   local layer, each against dense causal sdpa (Flash) as the peer. Printed: median times and the ratio.
 2. A model step (forward + backward of the GPT, no optimizer) with attention_pattern [dense, local] against
    [dense]: the whole-step ratio, which is what a user gains.
 
-All runs are interleaved (each repetition runs every contender once) so drifts in machine speed hit all alike,
-and the ratios compare medians.
+Each comparison is interleaved (each repetition runs both contenders once) so drifts in machine speed hit both
+alike, and the ratios compare medians.
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ def attention_contenders(args, device, dtype) -> dict:
 
         return step
 
-    contenders = {"dense causal (sdpa)": run(None, "sdpa")}
-    for backend in ("blocked", "flex", "sdpa", "fused_softmax"):
-        if not cannot_serve(backend, q, k, v, window=args.window, dropout_p=0.0):
-            contenders[f"local {args.window} ({backend})"] = run(args.window, backend)
-    return contenders
+    dense = run(None, "sdpa")
+    return {
+        backend: run(args.window, backend)
+        for backend in ("blocked", "flex", "sdpa", "fused_softmax")
+        if not cannot_serve(backend, q, k, v, window=args.window, dropout_p=0.0)
+    }, dense
 
 
 def model_contenders(args, device, dtype) -> dict:
@@ -68,7 +70,7 @@ def model_contenders(args, device, dtype) -> dict:
     from megagpt.parallel.context import Group
 
     contenders = {}
-    tokens = torch.randint(0, 50257, (1, args.seq + 1), device=device)
+    tokens = torch.randint(0, args.vocab, (1, args.seq + 1), device=device)
     for pattern in ("[dense]", "[dense,local]"):
         cfg = config_from_dict(
             {"preset": "tiny-cpu"},
@@ -79,7 +81,7 @@ def model_contenders(args, device, dtype) -> dict:
                 f"model.seq_length={args.seq}",
                 f"model.local_window={args.window}",
                 f"model.attention_pattern={pattern}",
-                "model.vocab_size=50257",
+                f"model.vocab_size={args.vocab}",
                 "model.dropout=0.0",
             ],
         ).model
@@ -102,6 +104,7 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--model-reps", type=int, default=3, help="0 skips the model step")
+    parser.add_argument("--vocab", type=int, default=50257, help="the model's vocabulary (GPT-2's by default)")
     args = parser.parse_args()
 
     if torch.cuda.is_available():
@@ -112,17 +115,24 @@ def main():
         what = f"CPU, {torch.get_num_threads()} threads, fp32"
     print(f"# {what}; seq {args.seq}, head_dim 64, {args.heads} heads, window {args.window}, torch {torch.__version__}")
 
-    times = interleaved(attention_contenders(args, device, dtype), args.reps)
-    dense = times["dense causal (sdpa)"]
+    # Each local backend is timed against its own interleaved dense runs: an O(s^2) contender's large temporaries
+    # would otherwise change the allocator's state, and so the times, of the others.
+    local, dense = attention_contenders(args, device, dtype)
     print(f"\n## attention forward+backward (median of {args.reps})")
-    for name, t in times.items():
-        print(f"{name:32s} {t * 1e3:9.1f} ms   {t / dense:6.3f} x dense")
+    print(f"{'local backend':16s} {'local ms':>9s} {'dense ms':>9s}   local / dense causal sdpa")
+    for backend, run in local.items():
+        times = interleaved({"dense": dense, "local": run}, args.reps)
+        ratio = times["local"] / times["dense"]
+        print(f"{backend:16s} {times['local'] * 1e3:9.1f} {times['dense'] * 1e3:9.1f}   {ratio:.3f}")
 
     if not args.model_reps:
         return
     times = interleaved(model_contenders(args, device, dtype), args.model_reps)
     dense = times["model step [dense]"]
-    print(f"\n## GPT forward+backward, {args.layers} layers, hidden {args.hidden} (median of {args.model_reps})")
+    print(
+        f"\n## GPT forward+backward, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab} "
+        f"(median of {args.model_reps})"
+    )
     for name, t in times.items():
         print(f"{name:32s} {t * 1e3:9.1f} ms   {t / dense:6.3f} x all-dense")
 

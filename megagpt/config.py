@@ -342,15 +342,17 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         check(kind in ("dense", "local"), f"model.attention_pattern holds '{kind}'; allowed kinds: dense, local")
     check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     if m.attention_backend == "flex":
+        import torch  # only here: the rest of validation needs no torch
+
         check(
             m.dropout == 0.0,
             f"model.attention_backend=flex has no attention dropout but model.dropout={m.dropout}; "
             f"set model.dropout=0 or use attention_backend=auto",
         )
         check(
-            t.device == "cuda",
+            t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()),
             f"model.attention_backend=flex trains only on CUDA (FlexAttention has no backward on CPU) but "
-            f"train.device={t.device}; set train.device=cuda or use attention_backend=auto",
+            f"train.device={t.device} runs on the CPU; set train.device=cuda or use attention_backend=auto",
         )
     check(m.layernorm_epsilon > 0, "model.layernorm_epsilon must be positive")
     check(m.init_std > 0, "model.init_std must be positive")

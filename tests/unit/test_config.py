@@ -171,3 +171,11 @@ def test_flex_attention_is_refused_where_it_cannot_train():
         config_from_dict({"preset": "tiny-cpu"}, ["model.attention_backend=splash"])
     for backend in ("auto", "sdpa", "blocked", "fused_softmax"):
         validate(config_from_dict({"preset": "tiny-cpu"}, [f"model.attention_backend={backend}", "model.dropout=0.1"]))
+
+
+def test_flex_attention_follows_train_device_auto(monkeypatch):
+    flex = ["model.attention_backend=flex", "model.dropout=0.0", "train.device=auto"]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert "train.device=auto runs on the CPU" in _problems(*flex)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # auto means cuda on a machine with a GPU
+    validate(config_from_dict({"preset": "tiny-cpu"}, flex))
