@@ -45,6 +45,9 @@ class ModelConfig:
     attention_backend: Literal["auto", "sdpa", "blocked", "flex", "fused_softmax"] = option(
         "auto", "how attention is computed (megagpt/model/attention.py); auto picks per device and layer kind"
     )
+    fused_kernels: Literal["auto", "on", "off"] = option(
+        "auto", "megagpt's CUDA softmax and layer norm kernels: auto uses them where they build and fit, on insists"
+    )
     dropout: float = option(0.1, "dropout on embeddings, attention probabilities and residual branches")
     qkv_bias: bool = option(True, "bias on the query/key/value projection")
     layernorm_epsilon: float = option(1e-5, "LayerNorm epsilon")
@@ -341,16 +344,23 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for kind in m.attention_pattern:
         check(kind in ("dense", "local"), f"model.attention_pattern holds '{kind}'; allowed kinds: dense, local")
     check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-    if m.attention_backend == "flex":
+    if m.attention_backend == "flex" or m.fused_kernels == "on":
         import torch  # only here: the rest of validation needs no torch
 
+        on_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        check(
+            m.fused_kernels != "on" or on_cuda,
+            f"model.fused_kernels=on needs CUDA (the kernels are CUDA C++) but train.device={t.device} runs on "
+            f"the CPU; use model.fused_kernels=auto or off",
+        )
+    if m.attention_backend == "flex":
         check(
             m.dropout == 0.0,
             f"model.attention_backend=flex has no attention dropout but model.dropout={m.dropout}; "
             f"set model.dropout=0 or use attention_backend=auto",
         )
         check(
-            t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()),
+            on_cuda,
             f"model.attention_backend=flex trains only on CUDA (FlexAttention has no backward on CPU) but "
             f"train.device={t.device} runs on the CPU; set train.device=cuda or use attention_backend=auto",
         )

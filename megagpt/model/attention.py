@@ -45,8 +45,10 @@ def causal_attention(
     window: int | None = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    fused_kernels: str = "auto",
 ) -> torch.Tensor:
-    """q, k, v: (b, heads, s, head_dim) -> (b, heads, s, head_dim); scores scaled by 1/sqrt(head_dim)."""
+    """q, k, v: (b, heads, s, head_dim) -> (b, heads, s, head_dim); scores scaled by 1/sqrt(head_dim).
+    fused_kernels (model.fused_kernels) is what the fused_softmax backend's softmax may use (megagpt/kernels)."""
     if window is not None and window < 1:
         raise ValueError(f"window={window} must be at least 1 (or None for dense attention)")
     if window is not None and window >= q.shape[-2]:
@@ -57,6 +59,8 @@ def causal_attention(
         reason = cannot_serve(backend, q, k, v, window=window, dropout_p=dropout_p)
         if reason:
             raise AttentionBackendError(f"attention backend '{backend}' cannot serve this call: {reason}")
+    if backend == "fused_softmax":
+        return _fused_softmax(q, k, v, window, dropout_p, fused_kernels)
     return _IMPLEMENTATIONS[backend](q, k, v, window, dropout_p)
 
 
@@ -101,9 +105,9 @@ def _blocked(q, k, v, window, dropout_p):
     return banded_attention(q, k, v, window, dropout_p)
 
 
-def _fused_softmax(q, k, v, window, dropout_p):
+def _fused_softmax(q, k, v, window, dropout_p, fused_kernels="auto"):
     scores = torch.matmul(q, k.transpose(-1, -2))  # (b, heads, s, s)
-    probs = scaled_masked_softmax(scores, 1.0 / math.sqrt(q.shape[-1]), causal=True, window=window)
+    probs = scaled_masked_softmax(scores, 1.0 / math.sqrt(q.shape[-1]), causal=True, window=window, fused=fused_kernels)
     probs = F.dropout(probs, p=dropout_p) if dropout_p > 0.0 else probs
     return torch.matmul(probs, v)
 

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megagpt.config import ModelConfig, max_positions, padded_vocab_size
+from megagpt.kernels import LayerNorm
 from megagpt.model.attention import causal_attention
 from megagpt.parallel.comm import copy_to_group, gather_from_group, gather_from_sequence
 from megagpt.parallel.context import Group
@@ -64,6 +65,7 @@ class SelfAttention(nn.Module):
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.window = layer_attention_window(cfg, layer)
         self.backend = cfg.attention_backend
+        self.fused_kernels = cfg.fused_kernels
         self.dropout = cfg.dropout
         h = cfg.hidden_size
         # Fused q, k, v with the output laid out per head as [q | k | v] (Megatron's layout), so a contiguous
@@ -91,7 +93,9 @@ class SelfAttention(nn.Module):
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout_p = self.dropout if self.training else 0.0
         with self.split_rng():
-            return causal_attention(q, k, v, window=self.window, dropout_p=dropout_p, backend=self.backend)
+            return causal_attention(
+                q, k, v, window=self.window, dropout_p=dropout_p, backend=self.backend, fused_kernels=self.fused_kernels
+            )
 
 
 class MLP(nn.Module):
@@ -110,9 +114,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group, sp: bool, rng, residual_rng, recompute: str):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.ln_1 = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, fused=cfg.fused_kernels)
         self.attn = SelfAttention(cfg, layer, tp_group, sp, rng, recompute_core=recompute == "selective")
-        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.ln_2 = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, fused=cfg.fused_kernels)
         self.mlp = MLP(cfg, tp_group, sp)
         self.dropout = nn.Dropout(cfg.dropout)
         self.residual_rng = residual_rng
@@ -214,7 +218,7 @@ class GPT(nn.Module):
                     cfg, layer, tp_group, self.sequence_parallel, rng, residual_rng, recompute
                 )
         if post_process:
-            self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+            self.ln_f = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, fused=cfg.fused_kernels)
             mark_sequence_parallel(self.ln_f, self.sequence_parallel)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,6 +15,8 @@ import yaml
 from megagpt.config import Config, dump_config
 from megagpt.data.gpt_dataset import build_datasets
 from megagpt.errors import UserError
+from megagpt.kernels import cuda_kernels
+from megagpt.kernels.build import KernelBuildError
 from megagpt.log import get_logger
 from megagpt.model.gpt import GPT
 from megagpt.parallel.comm import all_gather, barrier
@@ -141,6 +143,21 @@ def build_trainer(cfg: Config, ctx: ParallelContext, train_data, valid_data, met
     return Trainer(cfg, ctx, chunks, executor, optimizer, grads, train_data, valid_data, metrics)
 
 
+def prepare_fused_kernels(cfg: Config, ctx: ParallelContext) -> None:
+    """Build (or load) the CUDA kernels before the first step, so no rank compiles inside a step while its peers
+    wait in a collective. One rank per machine builds; the others wait on the build lock (kernels/build.py).
+    With model.fused_kernels=on a failed build stops the run here; with auto the layers fall back to torch."""
+    if ctx.device.type != "cuda" or cfg.model.fused_kernels == "off":
+        return
+    try:
+        cuda_kernels()
+    except KernelBuildError as e:
+        if cfg.model.fused_kernels == "on":
+            raise
+        get_logger().warning(f"fused kernels unavailable, using torch's softmax and layer norm: {e}")
+    barrier(ctx.world_group)
+
+
 def ensure_same_config(cfg: Config, ctx: ParallelContext) -> None:
     """Every rank must run the same config: a shape or layout that differs between ranks would otherwise show up
     as a mismatched transfer deep inside a step. Compare a digest of the resolved config across the world."""
@@ -165,6 +182,7 @@ def pretrain(cfg: Config, ctx: ParallelContext) -> TrainState:
     if ctx.rank != 0:
         train_data, valid_data = build_data(cfg)
 
+    prepare_fused_kernels(cfg, ctx)
     metrics = open_run_folder(cfg) if ctx.is_logging_rank else None
     trainer = build_trainer(cfg, ctx, train_data, valid_data, metrics)
     chunks = trainer.chunks
