@@ -4,6 +4,7 @@ no GPU (CI) proves they build. Skipped where nvcc is not installed."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -26,9 +27,12 @@ def test_the_kernels_include_no_torch():
         assert not torch_includes, f"{path.name} includes {torch_includes}; only binding.cpp may use torch"
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
 def test_nvcc_compiles_for_sm80_and_sm90(source, tmp_path):
+    if NVCC is None:
+        # CI sets MEGAGPT_REQUIRE_NVCC, so there a missing nvcc fails instead of passing unchecked.
+        assert not os.environ.get("MEGAGPT_REQUIRE_NVCC"), "MEGAGPT_REQUIRE_NVCC is set but nvcc is not installed"
+        pytest.skip("nvcc is not installed")
     gencode = [flag for arch in ARCHS for flag in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
     flags = ["-c", "-O3", "-std=c++17", *gencode, "-Xptxas", "-warn-spills"]
     result = subprocess.run(
