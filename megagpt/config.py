@@ -119,9 +119,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    dir: str | None = option(None, "where checkpoints are saved")
-    save_interval: int = option(0, "save every this many steps (0: never)")
-    load: str | None = option(None, "checkpoint to resume from")
+    dir: str | None = option(None, "where checkpoints are saved (also at the end of training and on a stop signal)")
+    save_interval: int = option(0, "save every this many steps (0: only at the end and on a stop)")
+    load: str | None = option(None, "resume from: auto (the latest in checkpoint.dir, if any), or a checkpoint path")
+    keep: int = option(2, "keep this many newest checkpoints in checkpoint.dir, deleting older ones")
+    exit_after_minutes: float | None = option(
+        None, "save and stop at the first step boundary after this many minutes (jobs with a wall-clock limit)"
+    )
 
 
 @dataclass(frozen=True)
@@ -467,10 +471,17 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"gives it no documents; give it a share or set train.eval_iters=0",
         )
 
+    check(c.save_interval >= 0, f"checkpoint.save_interval={c.save_interval} must be 0 (off) or positive")
+    check(c.keep >= 1, f"checkpoint.keep={c.keep} must be at least 1")
+    for key, value in (
+        ("save_interval", c.save_interval or None),
+        ("load=auto", c.load == "auto" or None),
+        ("exit_after_minutes", c.exit_after_minutes),
+    ):
+        check(value is None or c.dir is not None, f"checkpoint.{key} needs checkpoint.dir; set where to save")
     check(
-        c.dir is None and c.load is None and c.save_interval == 0,
-        "checkpoint.dir, checkpoint.load and checkpoint.save_interval are not supported yet in this version; "
-        "leave them unset",
+        c.exit_after_minutes is None or c.exit_after_minutes > 0,
+        f"checkpoint.exit_after_minutes={c.exit_after_minutes} must be positive",
     )
     check(lg.log_interval >= 1, "logging.log_interval must be at least 1")
 

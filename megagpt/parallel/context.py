@@ -61,6 +61,28 @@ class ParallelContext:
         return ParallelContext(Topology(1, 1, 1), 0, solo, solo, solo, solo, solo, torch.device(device))
 
     @staticmethod
+    def planned(topology: Topology, rank: int, device: torch.device | str = "meta") -> ParallelContext:
+        """Rank `rank`'s groups without processes or communication: for building that rank's shards offline (a
+        checkpoint resharded for a layout, a layout checked on the meta device). Collectives over it fail."""
+
+        def my_group(rank_lists: list[list[int]]) -> Group:
+            for ranks in rank_lists:
+                if rank in ranks:
+                    return Group(tuple(ranks), ranks.index(rank))
+            return Group.solo(rank)
+
+        return ParallelContext(
+            topology,
+            rank,
+            my_group(topology.tp_groups()),
+            my_group(topology.dp_groups()),
+            my_group(topology.pp_groups()),
+            my_group(topology.embedding_groups()),
+            Group(tuple(range(topology.world_size)), rank),
+            torch.device(device),
+        )
+
+    @staticmethod
     def initialize(
         topology: Topology,
         rank: int,

@@ -24,6 +24,7 @@ from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.pipeline import PipelineExecutor, stage_layers, virtual_stage
 from megagpt.parallel.random import TensorParallelRNG
+from megagpt.train.checkpoint import Checkpointer, load_checkpoint, resolve_load
 from megagpt.train.loss_scaler import LossScaler
 from megagpt.train.metrics import MetricsWriter
 from megagpt.train.optimizer import MainParamOptimizer
@@ -129,7 +130,7 @@ def build_loss_scaler(cfg: Config) -> LossScaler | None:
     )
 
 
-def build_trainer(cfg: Config, ctx: ParallelContext, train_data, valid_data, metrics) -> Trainer:
+def build_trainer(cfg: Config, ctx: ParallelContext, train_data, valid_data, metrics, checkpointer=None) -> Trainer:
     chunks = build_model(cfg, ctx)
     grads = GradBuckets(
         chunks.parameters(),
@@ -140,7 +141,7 @@ def build_trainer(cfg: Config, ctx: ParallelContext, train_data, valid_data, met
     # After GradBuckets: with zero=1 it moves the parameters into its flat buffers, and the pieces view those.
     optimizer = MainParamOptimizer(grads, cfg.optim, ctx, build_loss_scaler(cfg))
     executor = build_executor(cfg, ctx, chunks)
-    return Trainer(cfg, ctx, chunks, executor, optimizer, grads, train_data, valid_data, metrics)
+    return Trainer(cfg, ctx, chunks, executor, optimizer, grads, train_data, valid_data, metrics, checkpointer)
 
 
 def prepare_fused_kernels(cfg: Config, ctx: ParallelContext) -> None:
@@ -163,7 +164,7 @@ def ensure_same_config(cfg: Config, ctx: ParallelContext) -> None:
     as a mismatched transfer deep inside a step. Compare a digest of the resolved config across the world."""
     digest = hashlib.sha256(yaml.safe_dump(cfg.to_dict(), sort_keys=True).encode()).digest()[:8]
     mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
-    everyone = all_gather(mine, 0, ctx.world_group)
+    everyone = all_gather(mine.to(ctx.device), 0, ctx.world_group).cpu()  # NCCL gathers device tensors only
     differing = [rank for rank, value in enumerate(everyone.tolist()) if value != everyone[0].item()]
     if differing:
         raise UserError(
@@ -184,7 +185,15 @@ def pretrain(cfg: Config, ctx: ParallelContext) -> TrainState:
 
     prepare_fused_kernels(cfg, ctx)
     metrics = open_run_folder(cfg) if ctx.is_logging_rank else None
-    trainer = build_trainer(cfg, ctx, train_data, valid_data, metrics)
+    checkpointer = Checkpointer(cfg, ctx) if cfg.checkpoint.dir else None
+    trainer = build_trainer(cfg, ctx, train_data, valid_data, metrics, checkpointer)
+    resume_from = resolve_load(cfg, ctx)
+    if resume_from is not None:
+        load_checkpoint(trainer, resume_from)
+        if checkpointer is not None and resume_from.parent.resolve() == Path(cfg.checkpoint.dir).resolve():
+            checkpointer.saved_step = trainer.state.step  # already on disk there
+    elif cfg.checkpoint.load == "auto":
+        log.info(f"checkpoint.load=auto: no checkpoint in {cfg.checkpoint.dir} yet, starting from step 0")
     chunks = trainer.chunks
     n_params = sum(p.numel() for p in chunks.parameters())
     tp, dp, pp = ctx.topology.tp, ctx.topology.dp, ctx.topology.pp
@@ -200,9 +209,13 @@ def pretrain(cfg: Config, ctx: ParallelContext) -> TrainState:
     if metrics is not None:
         log.info(f"run folder {cfg.logging.dir}: config.yaml, metrics.jsonl" + (", TensorBoard" if metrics.tb else ""))
 
+    if checkpointer is not None:
+        checkpointer.install_signal_handlers()  # SIGTERM / SIGUSR1: save at the next step boundary and stop
     try:
         state = trainer.train()
     finally:
+        if checkpointer is not None:
+            checkpointer.uninstall_signal_handlers()
         if metrics is not None:
             metrics.close()
     final = [row for row in state.history if "val_loss" in row]

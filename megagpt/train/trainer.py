@@ -74,6 +74,7 @@ class Trainer:
         train_data,
         valid_data,
         metrics: MetricsWriter | None,
+        checkpointer=None,
     ):
         self.cfg = cfg
         self.ctx = ctx
@@ -84,6 +85,7 @@ class Trainer:
         self.train_data = train_data
         self.valid_data = valid_data
         self.metrics = metrics
+        self.checkpointer = checkpointer  # train/checkpoint.py: saves, and stops the run on a signal
         self.scaler = optimizer.scaler  # fp16 only
         self.state = TrainState()
 
@@ -198,7 +200,8 @@ class Trainer:
             window_skipped += result.skipped
             window_tokens += result.samples * tokens_per_sample
             step = self.state.step
-            log_now = step % cfg.logging.log_interval == 0 or step == cfg.train.iters
+            stop = self.checkpointer is not None and self.checkpointer.after_step(self)
+            log_now = step % cfg.logging.log_interval == 0 or step == cfg.train.iters or stop
             eval_now = self.should_evaluate(step)
             if not (log_now or eval_now):
                 continue
@@ -228,4 +231,8 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.write(row)
             window_losses, window_tokens, window_time, window_skipped = [], 0, 0.0, 0
+            if stop:
+                return self.state
+        if self.checkpointer is not None:
+            self.checkpointer.at_end(self)
         return self.state

@@ -96,7 +96,7 @@ def test_validate_names_every_offending_value():
         ("parallel.timeout_s=0", "parallel.timeout_s=0.0 must be positive"),
         ("parallel.tp=3", "parallel.tp=3 does not divide model.num_heads=4"),
         ("parallel.grad_bucket_mb=0", "parallel.grad_bucket_mb=0.0 must be positive"),
-        ("checkpoint.dir=ckpt", "checkpoint.dir, checkpoint.load and checkpoint.save_interval are not supported"),
+        ("checkpoint.save_interval=10", "checkpoint.save_interval needs checkpoint.dir"),
         ("data.synthetic=false", "data.path is not set"),
     ],
 )

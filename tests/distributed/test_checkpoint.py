@@ -1,0 +1,215 @@
+"""Checkpoints across processes (megagpt/train/checkpoint.py, CPU, gloo):
+
+- resume is exact: at (tp, pp, dp) = (2, 2, 2) with ZeRO-1 and dropout, the steps after a resume compute bit for bit
+  what an uninterrupted run computes (and at (1, 1, 1), in tests/unit/test_checkpoint.py);
+- resharding: checkpoints saved at (2,2,1), (1,1,1) and (2,1,2) with ZeRO-1 load into (1,1,1), (2,2,1) and (1,2,2),
+  and offline through tools/reshard.py, and training goes on with the losses an unsharded run has;
+- a rank killed during a save leaves `latest` and the previous checkpoint whole, and the run resumes from it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.harness import DIED, run_world
+from tests.distributed.test_pipeline_parallel import pipeline_config
+
+RESUME_AT, STEPS = 3, 6
+
+
+def checkpoint_config(tp, pp, run_dir, *extra, steps=STEPS):
+    # decay_iters fixed: a run stopped at step 3 follows the same LR schedule as the 6-step run it is compared to
+    return pipeline_config(
+        tp,
+        pp,
+        1,
+        False,
+        4,
+        str(run_dir),
+        f"train.iters={steps}",
+        f"optim.decay_iters={STEPS}",
+        "train.eval_iters=0",
+        *extra,
+    )
+
+
+def losses(state) -> list[float]:
+    return [row["loss"] for row in state.history]
+
+
+def train(rank, tp, pp, dp, run_dir, *extra, steps=STEPS):
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.parallel.topology import Topology
+    from megagpt.train.pretrain import pretrain
+
+    ctx = ParallelContext.initialize(Topology(tp, dp, pp), rank, torch.device("cpu"))
+    return losses(pretrain(checkpoint_config(tp, pp, run_dir, *extra, steps=steps), ctx))
+
+
+def single(run_dir, *extra, steps=STEPS):
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.train.pretrain import pretrain
+
+    return losses(pretrain(checkpoint_config(1, 1, run_dir, *extra, steps=steps), ParallelContext.single_process()))
+
+
+def exact_resume_world(rank, world_size, root):
+    """(2,2,2), ZeRO-1, dropout: an uninterrupted run saving at step 3, then a run resumed from that checkpoint."""
+    root = Path(root)
+    extra = ["parallel.zero=1", "model.dropout=0.1", f"checkpoint.save_interval={RESUME_AT}"]
+    whole = train(rank, 2, 2, 2, root / "whole", *extra, f"checkpoint.dir={root / 'ck'}")
+    resumed = train(
+        rank,
+        2,
+        2,
+        2,
+        root / "resumed",
+        *extra,
+        f"checkpoint.load={root / 'ck' / 'step_00000003'}",
+        f"checkpoint.dir={root / 'ck_resumed'}",
+    )
+    return whole, resumed
+
+
+def test_resume_at_tp2_pp2_dp2_with_zero1_is_bit_exact(tmp_path):
+    results = run_world(8, exact_resume_world, str(tmp_path))
+    whole, resumed = results[0]
+    assert len(whole) == STEPS and len(resumed) == STEPS - RESUME_AT
+    assert resumed == whole[RESUME_AT:]  # exactly, not approximately
+
+
+@pytest.fixture(scope="module")
+def unsharded(tmp_path_factory):
+    """One process, no dropout: the loss curve every resharded continuation must follow, and its step-3 save."""
+    root = tmp_path_factory.mktemp("unsharded")
+    curve = single(root / "run", f"checkpoint.dir={root / 'ck'}", f"checkpoint.save_interval={RESUME_AT}")
+    return curve, root / "ck" / "step_00000003"
+
+
+def reshard_world(rank, world_size, root, unsharded_checkpoint):
+    """In one 4-rank world: save at (2,2,1) and at (2,1,2) with ZeRO-1; continue from the unsharded checkpoint
+    at (2,2,1), and from the (2,1,2) one at (1,2,2)."""
+    root = Path(root)
+    saved_221 = train(rank, 2, 2, 1, root / "a", f"checkpoint.dir={root / 'ck_221'}", steps=RESUME_AT)
+    from_111 = train(
+        rank, 2, 2, 1, root / "b", f"checkpoint.load={unsharded_checkpoint}", f"checkpoint.dir={root / 'ck_b'}"
+    )
+    saved_212 = train(
+        rank, 2, 1, 2, root / "c", "parallel.zero=1", f"checkpoint.dir={root / 'ck_212z1'}", steps=RESUME_AT
+    )
+    from_212 = train(
+        rank, 1, 2, 2, root / "d", f"checkpoint.load={root / 'ck_212z1'}", f"checkpoint.dir={root / 'ck_d'}"
+    )
+    return {"saved_221": saved_221, "from_111": from_111, "saved_212": saved_212, "from_212": from_212}
+
+
+def test_checkpoints_reshard_across_layouts_and_training_continues_as_unsharded(unsharded, tmp_path):
+    from megagpt.train.checkpoint_format import SavedCheckpoint
+    from megagpt.train.reshard import reshard_checkpoint
+
+    curve, unsharded_checkpoint = unsharded
+    result = run_world(4, reshard_world, str(tmp_path), str(unsharded_checkpoint))[0]
+    rel = dict(rel=1e-5)
+    assert result["saved_221"] == pytest.approx(curve[:RESUME_AT], **rel)  # the saved runs are the unsharded run
+    assert result["saved_212"] == pytest.approx(curve[:RESUME_AT], **rel)
+    assert result["from_111"] == pytest.approx(curve[RESUME_AT:], **rel)  # (1,1,1) -> (2,2,1)
+    assert result["from_212"] == pytest.approx(curve[RESUME_AT:], **rel)  # (2,1,2) zero=1 -> (1,2,2)
+    # Each tensor is written once: the tied embedding by the first stage's two tp ranks, not the last stage's too.
+    meta = SavedCheckpoint(tmp_path / "ck_221" / "step_00000003").meta
+    assert sorted(f for kind, name, f, _ in meta["index"] if (kind, name) == ("weight", "wte.weight")) == [
+        "rank_00000.pt",
+        "rank_00001.pt",
+    ]
+    # (2,2,1) -> (1,1,1): on load, and offline with tools/reshard.py.
+    on_load = single(tmp_path / "e", f"checkpoint.load={tmp_path / 'ck_221'}", f"checkpoint.dir={tmp_path / 'ck_e'}")
+    assert on_load == pytest.approx(curve[RESUME_AT:], **rel)
+    offline = reshard_checkpoint(tmp_path / "ck_221" / "step_00000003", tmp_path / "offline", tp=1, pp=1)
+    from_offline = single(tmp_path / "f", f"checkpoint.load={offline}", f"checkpoint.dir={tmp_path / 'ck_f'}")
+    assert from_offline == on_load  # the same tensors either way
+
+
+def killed_during_save_world(rank, world_size, root):
+    """dp=2, saving every 2 steps; rank 1 dies (as kill -9 would) halfway through writing the step-4 checkpoint."""
+    import megagpt.train.checkpoint as checkpoint
+
+    write = checkpoint.write_rank_file
+
+    def write_then_die(payload, path):
+        if rank == 1 and path.parent.name.startswith("step_00000004"):
+            with open(path.with_name(path.name + ".partial"), "wb") as f:
+                f.write(b"half a file")
+            os._exit(9)
+        write(payload, path)
+
+    checkpoint.write_rank_file = write_then_die
+    try:
+        train(
+            rank,
+            1,
+            1,
+            2,
+            Path(root) / "run",
+            f"checkpoint.dir={Path(root) / 'ck'}",
+            "checkpoint.save_interval=2",
+            "parallel.timeout_s=20",
+            steps=4,
+        )
+    except Exception as e:  # rank 0 sees its peer vanish inside the save
+        return f"failed: {type(e).__name__}"
+    return "finished"
+
+
+def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    from megagpt.train.checkpoint import latest_checkpoint
+    from megagpt.train.checkpoint_format import SavedCheckpoint
+
+    outcome = run_world(2, killed_during_save_world, str(tmp_path), allow_deaths=True)
+    assert outcome[1] == DIED and outcome[0].startswith("failed")
+    ck = tmp_path / "ck"
+    assert (ck / "latest").read_text().strip() == "step_00000002"
+    assert (ck / "step_00000004.tmp").is_dir() and not (ck / "step_00000004").exists()
+    assert latest_checkpoint(ck, required=True) == ck / "step_00000002"
+    assert SavedCheckpoint(ck / "step_00000002").step == 2
+    # Resuming (here in one process: dp 2 -> 1) trains steps 3 and 4 and saves step 4 over the broken attempt.
+    resumed = single(tmp_path / "again", f"checkpoint.dir={ck}", "checkpoint.load=auto", steps=4)
+    assert len(resumed) == 2
+    assert (ck / "latest").read_text().strip() == "step_00000004" and not (ck / "step_00000004.tmp").exists()
+
+
+def corrupt_file_world(rank, world_size, root):
+    """dp=2: rank 1's own file (its random states) is corrupt, so only rank 1 fails to load; both must raise."""
+    from megagpt.train.checkpoint_format import CheckpointError
+
+    try:
+        train(
+            rank,
+            1,
+            1,
+            2,
+            Path(root) / "again",
+            f"checkpoint.load={Path(root) / 'ck'}",
+            f"checkpoint.dir={Path(root) / 'ck2'}",
+            steps=4,
+        )
+    except CheckpointError as e:
+        return str(e)
+    return "loaded"
+
+
+def test_a_rank_that_cannot_load_makes_every_rank_raise(tmp_path):
+    run_world(2, train_and_save_world, str(tmp_path))
+    rank1 = tmp_path / "ck" / "step_00000002" / "rank_00001.pt"
+    data = bytearray(rank1.read_bytes())
+    data[-100] ^= 0xFF
+    rank1.write_bytes(bytes(data))
+    messages = run_world(2, corrupt_file_world, str(tmp_path), timeout=120)
+    assert "rank_00001.pt fails its sha256 check" in messages[1]
+    assert "another rank could not load checkpoint" in messages[0]
+
+
+def train_and_save_world(rank, world_size, root):
+    train(rank, 1, 1, 2, Path(root) / "run", f"checkpoint.dir={Path(root) / 'ck'}", steps=2)

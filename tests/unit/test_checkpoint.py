@@ -1,0 +1,244 @@
+"""Checkpoints in one process (megagpt/train/checkpoint.py): exact resume, what a damaged or mismatched
+checkpoint says, keeping the newest K, unsafe files, stopping on SIGTERM or a time limit and resuming exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from megagpt.config import validate
+from megagpt.errors import ConfigError
+from megagpt.parallel.context import ParallelContext
+from megagpt.train.checkpoint_format import CheckpointError, SavedCheckpoint, sha256_of
+from megagpt.train.pretrain import pretrain
+from tests.conftest import REPO, tiny_config
+
+BASE = ["train.iters=6", "logging.log_interval=1", "logging.tensorboard=false", "train.eval_iters=0"]
+
+
+def run(tmp_path, name, *overrides):
+    cfg = tiny_config(*BASE, f"logging.dir={tmp_path / name}", *overrides)
+    return pretrain(cfg, ParallelContext.single_process())
+
+
+def losses(state):
+    return [row["loss"] for row in state.history]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A 2-step run with a checkpoint at step 2; returns the checkpoint folder."""
+    run(tmp_path, "base", "train.iters=2", f"checkpoint.dir={tmp_path / 'ck'}")
+    return tmp_path / "ck" / "step_00000002"
+
+
+def test_resume_at_one_process_is_bit_exact_with_dropout_and_zero1(tmp_path):
+    extra = ["model.dropout=0.1", "parallel.zero=1", "checkpoint.save_interval=3"]
+    whole = run(tmp_path, "whole", *extra, f"checkpoint.dir={tmp_path / 'ck'}")
+    step3 = tmp_path / "ck" / "step_00000003"  # the directory's latest is step 6, saved at the end
+    resumed = run(tmp_path, "resumed", *extra, f"checkpoint.load={step3}", f"checkpoint.dir={tmp_path / 'ck2'}")
+    assert [row["step"] for row in resumed.history] == [4, 5, 6]
+    assert losses(resumed) == losses(whole)[3:]  # exactly
+    assert [row["grad_norm"] for row in resumed.history] == [row["grad_norm"] for row in whole.history][3:]
+
+
+def test_bf16_resume_keeps_the_fp32_main_weights(tmp_path):
+    extra = ["train.precision=bf16", "checkpoint.save_interval=3"]
+    whole = run(tmp_path, "whole", *extra, f"checkpoint.dir={tmp_path / 'ck'}")
+    step3 = tmp_path / "ck" / "step_00000003"  # the directory's latest is step 6, saved at the end
+    meta = SavedCheckpoint(step3)
+    assert meta.full("main", "wte.weight").dtype == torch.float32
+    assert meta.full("weight", "wte.weight").dtype == torch.bfloat16
+    resumed = run(tmp_path, "resumed", *extra, f"checkpoint.load={step3}", f"checkpoint.dir={tmp_path / 'ck2'}")
+    assert losses(resumed) == losses(whole)[3:]
+
+
+def test_only_the_newest_k_checkpoints_are_kept(tmp_path):
+    run(tmp_path, "r", "checkpoint.save_interval=1", "checkpoint.keep=2", f"checkpoint.dir={tmp_path / 'ck'}")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["latest", "step_00000005", "step_00000006"]
+    assert (tmp_path / "ck" / "latest").read_text().strip() == "step_00000006"
+
+
+def load_into_fresh_run(tmp_path, checkpoint, *overrides):
+    return run(tmp_path, "again", "train.iters=3", f"checkpoint.load={checkpoint}", *overrides)
+
+
+def test_a_damaged_checkpoint_names_the_file(saved, tmp_path):
+    rank_file = saved / "rank_00000.pt"
+    original = rank_file.read_bytes()
+
+    rank_file.write_bytes(original[: len(original) // 2])
+    with pytest.raises(CheckpointError, match=r"rank_00000.pt has \d+ bytes, \d+ were written: it is truncated"):
+        load_into_fresh_run(tmp_path, saved)
+
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF
+    rank_file.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="rank_00000.pt fails its sha256 check: it is corrupt"):
+        load_into_fresh_run(tmp_path, saved)
+
+    rank_file.unlink()
+    with pytest.raises(CheckpointError, match="checkpoint file .*rank_00000.pt is missing"):
+        load_into_fresh_run(tmp_path, saved)
+
+    (saved / "metadata.json").unlink()
+    with pytest.raises(CheckpointError, match="has no metadata.json: it is not a complete checkpoint"):
+        load_into_fresh_run(tmp_path, saved)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_into_fresh_run(tmp_path, tmp_path / "nowhere")
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_the_differences(saved, tmp_path):
+    with pytest.raises(CheckpointError) as info:
+        load_into_fresh_run(tmp_path, saved, "model.hidden_size=128", "model.num_layers=2")
+    message = str(info.value)
+    assert "was saved for another model" in message
+    assert "model.num_layers: checkpoint 4, config 2" in message
+    assert "model.hidden_size: checkpoint 64, config 128" in message
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused(saved, tmp_path):
+    rank_file = saved / "rank_00000.pt"
+    torch.save({"format": 1, "chunks": [], "rng": None, "payload": shutil.rmtree}, rank_file)  # a pickled callable
+    meta = json.loads((saved / "metadata.json").read_text())
+    meta["files"]["rank_00000.pt"] = {"bytes": rank_file.stat().st_size, "sha256": sha256_of(rank_file)}
+    (saved / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        load_into_fresh_run(tmp_path, saved)
+
+
+def test_load_auto_starts_fresh_or_takes_the_latest(tmp_path):
+    first = run(tmp_path, "a", "train.iters=2", f"checkpoint.dir={tmp_path / 'ck'}", "checkpoint.load=auto")
+    assert [row["step"] for row in first.history] == [1, 2]
+    second = run(tmp_path, "b", "train.iters=4", f"checkpoint.dir={tmp_path / 'ck'}", "checkpoint.load=auto")
+    assert [row["step"] for row in second.history] == [3, 4]
+    # A lost `latest` pointer: the newest complete checkpoint is found anyway.
+    (tmp_path / "ck" / "latest").unlink()
+    third = run(tmp_path, "c", "train.iters=5", f"checkpoint.dir={tmp_path / 'ck'}", "checkpoint.load=auto")
+    assert [row["step"] for row in third.history] == [5]
+
+
+def test_checkpoint_settings_are_validated():
+    for overrides, message in [
+        (["checkpoint.load=auto"], "checkpoint.load=auto needs checkpoint.dir"),
+        (["checkpoint.save_interval=5"], "checkpoint.save_interval needs checkpoint.dir"),
+        (["checkpoint.dir=x", "checkpoint.keep=0"], "checkpoint.keep=0 must be at least 1"),
+        (["checkpoint.dir=x", "checkpoint.exit_after_minutes=0"], "exit_after_minutes=0.0 must be positive"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            validate(tiny_config(*overrides))
+
+
+def test_sigterm_in_a_step_saves_and_stops_and_the_resume_is_exact(tmp_path, monkeypatch):
+    """The signal arrives during step 3 (sent by the process to itself); the run saves after step 3 and returns."""
+    from megagpt.train.trainer import Trainer
+
+    whole = run(tmp_path, "whole", "model.dropout=0.1")
+    step = Trainer.train_step
+
+    def step_with_sigterm(self):
+        result = step(self)
+        if self.state.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", step_with_sigterm)
+    stopped = run(tmp_path, "stopped", "model.dropout=0.1", f"checkpoint.dir={tmp_path / 'ck'}")
+    monkeypatch.undo()
+    assert [row["step"] for row in stopped.history] == [1, 2, 3]
+    assert (tmp_path / "ck" / "latest").read_text().strip() == "step_00000003"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed after training
+    resumed = run(tmp_path, "resumed", "model.dropout=0.1", f"checkpoint.dir={tmp_path / 'ck'}", "checkpoint.load=auto")
+    assert losses(stopped) + losses(resumed) == losses(whole)
+
+
+def test_exit_after_minutes_saves_and_stops(tmp_path):
+    state = run(tmp_path, "r", f"checkpoint.dir={tmp_path / 'ck'}", "checkpoint.exit_after_minutes=0.0001")
+    assert [row["step"] for row in state.history] == [1]
+    assert (tmp_path / "ck" / "latest").read_text().strip() == "step_00000001"
+
+
+def test_the_launcher_stops_cleanly_on_a_real_sigterm_and_resumes(tmp_path):
+    """launcher/pretrain.py as its own process, sent SIGTERM from outside while it trains."""
+    overrides = [
+        "train.iters=400",
+        "logging.log_interval=1",
+        "logging.tensorboard=false",
+        "train.eval_iters=0",
+        f"checkpoint.dir={tmp_path / 'ck'}",
+        "checkpoint.load=auto",
+        "logging.memory_report=false",
+    ]
+    cmd = [
+        sys.executable,
+        str(REPO / "launcher/pretrain.py"),
+        "--config",
+        str(REPO / "configs/tiny-cpu.yaml"),
+        f"logging.dir={tmp_path / 'run'}",
+        *overrides,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    assert "(SIGTERM): checkpoint saved, resume with checkpoint.load=auto" in out
+    stopped_at = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert 3 <= stopped_at < 400
+    assert (tmp_path / "ck" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+    # The same command again resumes after that step.
+    cmd[-len(overrides) - 1] = f"logging.dir={tmp_path / 'run2'}"
+    cmd[cmd.index("train.iters=400")] = f"train.iters={stopped_at + 2}"
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [stopped_at + 1, stopped_at + 2]
+
+
+def test_after_resuming_from_an_older_checkpoint_pruning_keeps_the_new_ones(tmp_path):
+    """A rollback: the folder holds steps 1..6 of a first run; resuming from step 3 and saving step 4 must keep the
+    new step 4 (and point latest at it), pruning the abandoned run's checkpoints instead."""
+    ck = tmp_path / "ck"
+    run(tmp_path, "first", "checkpoint.save_interval=1", "checkpoint.keep=10", f"checkpoint.dir={ck}")
+    run(
+        tmp_path,
+        "rollback",
+        "train.iters=4",
+        "checkpoint.save_interval=1",
+        "checkpoint.keep=2",
+        f"checkpoint.dir={ck}",
+        f"checkpoint.load={ck / 'step_00000003'}",
+    )
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000004", "step_00000006"]
+    assert (ck / "latest").read_text().strip() == "step_00000004"
+    resumed = run(tmp_path, "auto", "train.iters=5", f"checkpoint.dir={ck}", "checkpoint.load=auto")
+    assert [row["step"] for row in resumed.history] == [5]
+
+
+def test_a_bf16_checkpoint_loads_into_fp32_at_the_main_weights_precision(tmp_path):
+    from megagpt.data.gpt_dataset import SyntheticDataset
+    from megagpt.train.checkpoint import load_checkpoint
+    from megagpt.train.pretrain import build_trainer
+
+    run(tmp_path, "bf16", "train.iters=2", "train.precision=bf16", f"checkpoint.dir={tmp_path / 'ck'}")
+    saved = tmp_path / "ck" / "step_00000002"
+    cfg = tiny_config(*BASE, f"logging.dir={tmp_path / 'fp32'}")
+    data = SyntheticDataset(64, cfg.model.seq_length, cfg.model.vocab_size, seed=5)
+    trainer = build_trainer(cfg, ParallelContext.single_process(), data, None, None)
+    load_checkpoint(trainer, saved)
+    main = SavedCheckpoint(saved).full("main", "blocks.1.mlp.fc.weight")
+    param = dict(trainer.chunks[0].named_parameters())["blocks.1.mlp.fc.weight"]
+    assert param.dtype == torch.float32 and torch.equal(param.detach(), main)
+    assert not torch.equal(param.detach(), main.bfloat16().float())  # not the rounded bf16 weight
