@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import torch
 from megagpt.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests build tiny random transformers models; nothing may be downloaded (the tools' subprocesses inherit this).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 torch.set_num_threads(2)
 

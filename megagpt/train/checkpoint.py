@@ -79,11 +79,14 @@ def step_folder(step: int) -> str:
 
 def param_shards(trainer) -> dict[torch.nn.Parameter, TensorShard]:
     """Every parameter of this rank's model chunks with its global name and tensor-parallel split."""
-    tp = trainer.ctx.tp_group
+    return shards_of(trainer.chunks, trainer.ctx.tp_group)
+
+
+def shards_of(chunks, tp_group) -> dict[torch.nn.Parameter, TensorShard]:
     shards = {}
-    for chunk in trainer.chunks:
+    for chunk in chunks:
         for name, param in chunk.named_parameters():
-            shards[param] = TensorShard.of(name, param, tp.index, tp.size)
+            shards[param] = TensorShard.of(name, param, tp_group.index, tp_group.size)
     return shards
 
 
@@ -309,6 +312,33 @@ def prune(root: Path, keep: int, current: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+class OfflineCheckpointWriter:
+    """Writes a checkpoint folder from one process, rank file by rank file (tools: resharding, conversion), with
+    the same atomic publish and `latest` as a training run's save."""
+
+    def __init__(self, root: str | Path, step: int):
+        self.root = Path(root)
+        self.final = self.root / step_folder(step)
+        self.tmp = self.root / f"{step_folder(step)}.tmp"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.files: dict[str, dict] = {}
+        self.index: list[list] = []
+
+    def add_rank(self, rank: int, chunks: list[dict]) -> None:
+        path = self.tmp / rank_file(rank)
+        write_rank_file({"format": FORMAT, "chunks": chunks, "rng": None}, path)  # rng None: seeded on load
+        self.files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        self.index += chunk_index(chunks, path.name)
+
+    def finish(self, metadata: dict) -> Path:
+        metadata = {**metadata, "format": FORMAT, "files": self.files, "index": self.index}
+        write_text_atomically(self.tmp / METADATA, json.dumps(metadata, indent=1))
+        publish(self.tmp, self.final)
+        write_text_atomically(self.root / LATEST, self.final.name + "\n")
+        return self.final
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -403,14 +433,7 @@ def _load(trainer, path: str | Path) -> SavedCheckpoint:
     has_state = saved.has("exp_avg")
 
     with torch.no_grad():
-        for param, shard in shards.items():
-            # The fp32 main weight, where the saving run had one, is the weight (a bf16 model's weight is its
-            # rounding): so a bf16 checkpoint loads into an fp32 model at full precision.
-            weight = full_for(saved, "main", shard, vocab)
-            weight = weight if weight is not None else full_for(saved, "weight", shard, vocab)
-            if weight is None:
-                raise CheckpointError(f"checkpoint {saved.path} has no weights for {shard.name}")
-            param.copy_(shard.cut(weight).view_as(param).to(param.dtype))
+        for param, shard, weight in copy_weights(saved, shards, vocab):
             pieces = pieces_of.get(param, [])
             moments = {k: full_for(saved, k, shard, vocab) for k in ("exp_avg", "exp_avg_sq")} if pieces else {}
             for start_, end, main in pieces:
@@ -443,6 +466,20 @@ def _load(trainer, path: str | Path) -> SavedCheckpoint:
     if not has_state:
         log.info(f"checkpoint {saved.path} holds no optimizer state: Adam starts from zero moments")
     return saved
+
+
+def copy_weights(saved: SavedCheckpoint, shards: dict, vocab_size: int):
+    """Load each parameter's shard of the checkpoint's weights into it; yields (param, shard, full weight).
+    The fp32 main weight, where the saving run had one, is the weight (a bf16 model's weight is its rounding),
+    so a bf16 checkpoint loads into an fp32 model at full precision."""
+    with torch.no_grad():
+        for param, shard in shards.items():
+            weight = full_for(saved, "main", shard, vocab_size)
+            weight = weight if weight is not None else full_for(saved, "weight", shard, vocab_size)
+            if weight is None:
+                raise CheckpointError(f"checkpoint {saved.path} has no weights for {shard.name}")
+            param.copy_(shard.cut(weight).view_as(param).to(param.dtype))
+            yield param, shard, weight
 
 
 def full_for(saved: SavedCheckpoint, kind: str, shard: TensorShard, vocab_size: int) -> torch.Tensor | None:

@@ -11,8 +11,6 @@ any change of layout.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,26 +21,8 @@ from megagpt.log import get_logger
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.topology import Topology
-from megagpt.train.checkpoint import (
-    LATEST,
-    full_for,
-    publish,
-    step_folder,
-    write_rank_file,
-    write_text_atomically,
-    writes_state,
-    writes_weight,
-)
-from megagpt.train.checkpoint_format import (
-    FORMAT,
-    METADATA,
-    CheckpointError,
-    SavedCheckpoint,
-    TensorShard,
-    chunk_index,
-    rank_file,
-    sha256_of,
-)
+from megagpt.train.checkpoint import OfflineCheckpointWriter, full_for, writes_state, writes_weight
+from megagpt.train.checkpoint_format import CheckpointError, SavedCheckpoint, TensorShard
 
 
 def target_config(saved: SavedCheckpoint, tp: int, pp: int, vpp: int, dp: int, zero: int):
@@ -80,12 +60,9 @@ def reshard_checkpoint(
     cfg = target_config(saved, tp, pp, vpp, dp, zero)
     topology = Topology(tp, dp, pp)
     vocab = cfg.model.vocab_size
-    final, tmp = out / step_folder(saved.step), out / f"{step_folder(saved.step)}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    writer = OfflineCheckpointWriter(out, saved.step)
     has_state = saved.has("exp_avg")
     copies_back = cfg.train.precision != "fp32"
-    files, index = {}, []
     for rank in range(topology.world_size):
         ctx = ParallelContext.planned(topology, rank)
         with torch.device("meta"):  # names, shapes and splits; no memory
@@ -115,19 +92,11 @@ def reshard_checkpoint(
                 main = tensor(saved, "main", shard, vocab, required=False)
                 main = main if main is not None else tensor(saved, "weight", shard, vocab)
                 chunks.append(shard.chunk("main", shard.cut(main, start, end).float(), start))
-        path = tmp / rank_file(rank)
-        write_rank_file({"format": FORMAT, "chunks": chunks, "rng": None}, path)
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
-        index += chunk_index(chunks, path.name)
-    metadata = dict(saved.meta)
-    metadata["layout"] = {"tp": tp, "pp": pp, "dp": dp, "vpp": vpp, "zero": zero, "world_size": topology.world_size}
-    metadata["files"] = files
-    metadata["index"] = index
-    metadata["resharded_from"] = {"path": str(saved.path), "layout": saved.meta["layout"]}
-    write_text_atomically(tmp / METADATA, json.dumps(metadata, indent=1))
-    publish(tmp, final)
-    write_text_atomically(out / LATEST, final.name + "\n")
-    get_logger().info(f"resharded {saved.path} ({saved.meta['layout']}) into {final} ({metadata['layout']})")
+        writer.add_rank(rank, chunks)
+    layout = {"tp": tp, "pp": pp, "dp": dp, "vpp": vpp, "zero": zero, "world_size": topology.world_size}
+    resharded_from = {"path": str(saved.path), "layout": saved.meta["layout"]}
+    final = writer.finish({**saved.meta, "layout": layout, "resharded_from": resharded_from})
+    get_logger().info(f"resharded {saved.path} ({saved.meta['layout']}) into {final} ({layout})")
     return final
 
 

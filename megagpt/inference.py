@@ -1,0 +1,98 @@
+"""A model loaded from a checkpoint for inference (generation, evaluation, conversion tests), on this process's
+share of a tensor-parallel layout.
+
+    model, cfg = load_for_inference("runs/ck", ParallelContext.single_process())
+
+The checkpoint may come from any layout: its tensors are re-split for this one (train/checkpoint_format.py). The
+model is built on the meta device and filled from the checkpoint, so no random init is spent, and runs with
+dropout off. Pipeline parallelism is not used here: each rank holds every layer of its tensor-parallel share.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megagpt.config import Config, config_from_dict
+from megagpt.model.gpt import GPT
+from megagpt.parallel.context import ParallelContext
+from megagpt.parallel.random import TensorParallelRNG
+from megagpt.train.checkpoint import copy_weights, latest_checkpoint, shards_of
+from megagpt.train.checkpoint_format import METADATA, SavedCheckpoint
+from megagpt.train.optimizer import MARKS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def open_checkpoint(path: str | Path) -> SavedCheckpoint:
+    """A checkpoint folder, or a checkpoint.dir (its latest)."""
+    path = Path(path)
+    if path.is_dir() and not (path / METADATA).exists():
+        path = latest_checkpoint(path, required=True)
+    return SavedCheckpoint(path)
+
+
+def inference_config(saved: SavedCheckpoint, ctx: ParallelContext, precision: str = "fp32") -> Config:
+    model = {**saved.meta["model"], "dropout": 0.0}
+    if ctx.device.type != "cuda":
+        model["fused_kernels"] = "auto"  # a checkpoint trained with kernels "on" still runs on the CPU
+    return config_from_dict(
+        {
+            "model": model,
+            "parallel": {"tp": ctx.tp_group.size},
+            "train": {"precision": precision, "device": ctx.device.type, "seed": saved.meta.get("seed", 1234)},
+            "data": {"synthetic": True},
+        }
+    )
+
+
+def load_for_inference(path: str | Path, ctx: ParallelContext, precision: str = "fp32") -> tuple[GPT, Config]:
+    saved = open_checkpoint(path)
+    cfg = inference_config(saved, ctx, precision)
+    tp = ctx.tp_group
+    rng = TensorParallelRNG(cfg.train.seed, tp.index, ctx.device) if tp.size > 1 else None
+    with torch.device("meta"):
+        model = GPT(cfg.model, tp, rng=rng, init_seed=0)
+    # to_empty makes new Parameter objects off the meta device: carry the tensor-parallel marks over.
+    marks = {name: {m: getattr(p, m) for m in MARKS if hasattr(p, m)} for name, p in model.named_parameters()}
+    model = model.to_empty(device=ctx.device).to(DTYPES[precision])
+    for name, param in model.named_parameters():
+        for mark, value in marks[name].items():
+            setattr(param, mark, value)
+    for _ in copy_weights(saved, shards_of([model], tp), cfg.model.vocab_size):
+        pass
+    return model.eval(), cfg
+
+
+def inference_context(device: str = "auto") -> ParallelContext:
+    """This process's context for a tool run with plain python (one process) or under torchrun, where the
+    world is one tensor-parallel group (tp = the number of processes)."""
+    from megagpt.launch import discover_launch, resolve_device, set_cpu_threads
+    from megagpt.log import setup_logging
+    from megagpt.parallel.topology import Topology
+
+    launch = discover_launch()
+    setup_logging(launch.rank)
+    where = resolve_device(device, launch.local_rank, launch.local_world_size)
+    if where.type == "cpu":
+        set_cpu_threads(launch.local_world_size)
+    if launch.world_size == 1:
+        return ParallelContext.single_process(where)
+    return ParallelContext.initialize(Topology(launch.world_size, 1, 1), launch.rank, where)
+
+
+@torch.no_grad()
+def mean_loss(model: GPT, dataset, micro_batch: int, max_samples: int | None = None) -> tuple[float, int]:
+    """(mean next-token loss per token, tokens scored) over the dataset's samples in order."""
+    from megagpt.train.trainer import read_batch
+
+    count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    total, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, count, micro_batch):
+        batch = read_batch(dataset, start, min(micro_batch, count - start), model.vocab_size).to(device)
+        n = batch[:, 1:].numel()
+        total += model(batch[:, :-1], batch[:, 1:]).item() * n
+        tokens += n
+    return total / max(tokens, 1), tokens
