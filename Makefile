@@ -15,6 +15,8 @@ $(VENV)/.megagpt-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_CPU)"
 	$(PY) -m pip install -e ".[dev]"
+	# mpi4py (the mpirun launch path and its test) builds against a system MPI: only where one is installed.
+	if command -v mpicc >/dev/null; then $(PY) -m pip install -e ".[mpi]"; fi
 	touch $@
 
 # The demo trains with tensor parallelism 2 x pipeline parallelism 2: four CPU processes (gloo).

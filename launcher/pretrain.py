@@ -24,12 +24,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (may name a preset); see configs/")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.iters=100 parallel.tp=2")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate the config and layout for --world-size ranks, start nothing"
+    )
+    parser.add_argument("--world-size", type=int, default=None, help="with --dry-run: the number of ranks to plan for")
     return parser.parse_args(argv)
+
+
+def dry_run(cfg, world_size: int) -> None:
+    """Validate for world_size ranks and print the layout; no process group, no tensors."""
+    validate(cfg, world_size)
+    topology = Topology(cfg.parallel.tp, data_parallel_size(cfg, world_size), cfg.parallel.pp)
+    print(
+        f"dry run: the config is valid for {world_size} ranks: tp={topology.tp} dp={topology.dp} pp={topology.pp} "
+        f"vpp={cfg.parallel.vpp}, {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+        f"precision {cfg.train.precision}, zero {cfg.parallel.zero}, recompute {cfg.parallel.recompute}"
+    )
 
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     try:
+        if args.dry_run:
+            if args.world_size is None or args.world_size < 1:
+                raise UserError("--dry-run needs --world-size N (the number of ranks to plan for)")
+            return dry_run(load_config(args.config, args.overrides), args.world_size)
+        if args.world_size is not None:
+            raise UserError("--world-size is for --dry-run; a real run takes its world size from the launcher")
         launch = discover_launch()
         setup_logging(launch.rank)
         cfg = load_config(args.config, args.overrides)
@@ -42,6 +63,7 @@ def main(argv: list[str] | None = None):
             ctx = ParallelContext.single_process(device)
         else:
             timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+            launch.export_rendezvous()
             ctx = ParallelContext.initialize(topology, launch.rank, device, timeout)
         setup_logging(launch.rank, ctx.coords)
         get_logger().info(

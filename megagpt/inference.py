@@ -79,6 +79,7 @@ def inference_context(device: str = "auto") -> ParallelContext:
         set_cpu_threads(launch.local_world_size)
     if launch.world_size == 1:
         return ParallelContext.single_process(where)
+    launch.export_rendezvous()
     return ParallelContext.initialize(Topology(launch.world_size, 1, 1), launch.rank, where)
 
 

@@ -10,6 +10,13 @@ from pathlib import Path
 from megagpt.log import get_logger
 
 
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a damaged line is dropped
+
+
 def _clock(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
 
@@ -17,9 +24,17 @@ def _clock(seconds: float) -> str:
 class MetricsWriter:
     """Writes one JSON object per logged step; only the logging rank creates one."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, total_steps: int):
+    def __init__(self, run_dir: Path, tensorboard: bool, total_steps: int, resume_step: int | None = None):
+        """resume_step: a run resumed from a checkpoint of that step continues metrics.jsonl, dropping the rows
+        of later steps (written by an earlier run after its last checkpoint); otherwise the file starts anew."""
         self.total_steps = total_steps
-        self.jsonl = open(run_dir / "metrics.jsonl", "w")
+        path = run_dir / "metrics.jsonl"
+        kept = []
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
+        self.jsonl = open(path, "w")
+        self.jsonl.writelines(line + "\n" for line in kept)
+        self.jsonl.flush()
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import; only when asked for

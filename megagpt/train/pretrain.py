@@ -25,6 +25,7 @@ from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.pipeline import PipelineExecutor, stage_layers, virtual_stage
 from megagpt.parallel.random import TensorParallelRNG
 from megagpt.train.checkpoint import Checkpointer, load_checkpoint, resolve_load
+from megagpt.train.checkpoint_format import SavedCheckpoint
 from megagpt.train.loss_scaler import LossScaler
 from megagpt.train.metrics import MetricsWriter
 from megagpt.train.optimizer import MainParamOptimizer
@@ -60,13 +61,13 @@ def build_data(cfg: Config):
     return train, valid
 
 
-def open_run_folder(cfg: Config) -> MetricsWriter:
+def open_run_folder(cfg: Config, resume_step: int | None = None) -> MetricsWriter:
     """logging.dir with the resolved config.yaml, and the writer of metrics.jsonl and TensorBoard events."""
     run_dir = Path(cfg.logging.dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-        return MetricsWriter(run_dir, cfg.logging.tensorboard, cfg.train.iters)
+        return MetricsWriter(run_dir, cfg.logging.tensorboard, cfg.train.iters, resume_step)
     except OSError as e:
         raise UserError(f"cannot write logging.dir={run_dir} ({e.strerror or e}); choose a writable folder") from None
 
@@ -184,10 +185,11 @@ def pretrain(cfg: Config, ctx: ParallelContext) -> TrainState:
         train_data, valid_data = build_data(cfg)
 
     prepare_fused_kernels(cfg, ctx)
-    metrics = open_run_folder(cfg) if ctx.is_logging_rank else None
+    resume_from = resolve_load(cfg, ctx)
+    resume_step = SavedCheckpoint(resume_from).step if resume_from is not None else None
+    metrics = open_run_folder(cfg, resume_step) if ctx.is_logging_rank else None
     checkpointer = Checkpointer(cfg, ctx) if cfg.checkpoint.dir else None
     trainer = build_trainer(cfg, ctx, train_data, valid_data, metrics, checkpointer)
-    resume_from = resolve_load(cfg, ctx)
     if resume_from is not None:
         load_checkpoint(trainer, resume_from)
         if checkpointer is not None and resume_from.parent.resolve() == Path(cfg.checkpoint.dir).resolve():

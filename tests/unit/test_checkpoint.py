@@ -242,3 +242,13 @@ def test_a_bf16_checkpoint_loads_into_fp32_at_the_main_weights_precision(tmp_pat
     param = dict(trainer.chunks[0].named_parameters())["blocks.1.mlp.fc.weight"]
     assert param.dtype == torch.float32 and torch.equal(param.detach(), main)
     assert not torch.equal(param.detach(), main.bfloat16().float())  # not the rounded bf16 weight
+
+
+def test_a_resumed_run_continues_metrics_jsonl_after_the_checkpoint(tmp_path):
+    """Resuming into the same logging.dir keeps the rows up to the checkpoint and drops later ones (a run that
+    went on past its last save), so the file reads as one run."""
+    ck = f"checkpoint.dir={tmp_path / 'ck'}"
+    run(tmp_path, "same", "checkpoint.save_interval=2", "checkpoint.keep=5", ck)
+    run(tmp_path, "same", ck, f"checkpoint.load={tmp_path / 'ck' / 'step_00000004'}")
+    rows = [json.loads(line) for line in (tmp_path / "same" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]

@@ -1,0 +1,101 @@
+"""Rank discovery (megagpt/launch.py) from torchrun, srun and mpirun environments, without launching anything
+(the real launchers are exercised in tests/e2e/test_launchers.py)."""
+
+from __future__ import annotations
+
+import builtins
+
+import pytest
+
+from megagpt.errors import UserError
+from megagpt.launch import discover_launch, expand_hostlist, first_host
+
+
+def test_one_process_and_torchrun():
+    assert discover_launch({}).source == "single process"
+    info = discover_launch({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})
+    assert (info.rank, info.world_size, info.local_rank, info.local_world_size, info.source) == (3, 8, 1, 4, "torchrun")
+    assert info.master_addr is None  # torchrun sets MASTER_ADDR itself
+    with pytest.raises(UserError, match="sets RANK, WORLD_SIZE but not LOCAL_RANK"):
+        discover_launch({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(UserError, match="rank 4 is outside a world of 4"):
+        discover_launch({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+    with pytest.raises(UserError, match="RANK='x' is not an integer"):
+        discover_launch({"RANK": "x", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+
+
+SRUN = {
+    "SLURM_STEP_ID": "0",
+    "SLURM_JOB_ID": "123456",
+    "SLURM_PROCID": "9",
+    "SLURM_NTASKS": "16",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1",
+    "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+    "SLURM_JOB_NODELIST": "gpu[007-008]",
+}
+
+
+def test_srun_one_task_per_gpu():
+    info = discover_launch(SRUN)
+    assert (info.rank, info.world_size, info.local_rank, info.local_world_size, info.source) == (9, 16, 1, 8, "slurm")
+    assert (info.master_addr, info.master_port) == ("gpu007", 20000 + 123456 % 20000)
+    uneven = discover_launch({**SRUN, "SLURM_STEP_TASKS_PER_NODE": "5(x1),3", "SLURM_PROCID": "6", "SLURM_NTASKS": "8"})
+    assert uneven.local_world_size == 3  # node 1 of "5,3"
+    # torchrun inside an srun task is torchrun; a batch script outside srun (no step) is one process.
+    torchrun_in_srun = {**SRUN, "RANK": "0", "WORLD_SIZE": "16", "LOCAL_RANK": "0"}
+    assert discover_launch(torchrun_in_srun).source == "torchrun"
+    batch_script = {k: v for k, v in SRUN.items() if k != "SLURM_STEP_ID"}
+    assert discover_launch(batch_script).source == "single process"
+
+
+def test_srun_environments_that_do_not_add_up_are_named():
+    with pytest.raises(UserError, match="sets SLURM_PROCID, SLURM_LOCALID but not SLURM_NTASKS"):
+        discover_launch({k: v for k, v in SRUN.items() if k != "SLURM_NTASKS"})
+    with pytest.raises(UserError, match="SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID: rank 16 is outside"):
+        discover_launch({**SRUN, "SLURM_PROCID": "16"})
+    with pytest.raises(UserError, match="local rank 8 of 8"):
+        discover_launch({**SRUN, "SLURM_LOCALID": "8"})
+    with pytest.raises(UserError, match="no SLURM_JOB_NODELIST"):
+        discover_launch({k: v for k, v in SRUN.items() if k != "SLURM_JOB_NODELIST"})
+
+
+def test_slurm_host_lists():
+    assert expand_hostlist("gpu[001-003,007],login1") == ["gpu001", "gpu002", "gpu003", "gpu007", "login1"]
+    assert expand_hostlist("rack[1-2]-node[08-09]") == ["rack1-node08", "rack1-node09", "rack2-node08", "rack2-node09"]
+    assert expand_hostlist("a,b[3]") == ["a", "b3"]
+    assert first_host("node[0099-0101]") == "node0099"
+    with pytest.raises(UserError, match="unbalanced brackets"):
+        expand_hostlist("gpu[1-2")
+
+
+def test_mpirun_open_mpi_and_mpich():
+    open_mpi = {
+        "OMPI_COMM_WORLD_RANK": "2",
+        "OMPI_COMM_WORLD_SIZE": "4",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29400",
+    }
+    info = discover_launch(open_mpi)
+    assert (info.rank, info.world_size, info.local_rank, info.source) == (2, 4, 2, "mpi")
+    assert (info.master_addr, info.master_port) == ("10.0.0.1", 29400)
+    mpich = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", **open_mpi}
+    del mpich["OMPI_COMM_WORLD_RANK"], mpich["OMPI_COMM_WORLD_SIZE"]
+    assert discover_launch(mpich).rank == 1
+    with pytest.raises(UserError, match="sets OMPI_COMM_WORLD_RANK but not OMPI_COMM_WORLD_SIZE"):
+        discover_launch({"OMPI_COMM_WORLD_RANK": "0"})
+
+
+def test_mpirun_without_mpi4py_or_master_says_what_to_do(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_mpi4py(name, *args, **kwargs):
+        if name.startswith("mpi4py"):
+            raise ImportError("no mpi4py")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpi4py)
+    with pytest.raises(UserError, match="mpi4py .* is not installed: pip install 'megagpt\\[mpi\\]'"):
+        discover_launch({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
