@@ -26,7 +26,8 @@ def log_lines():
     handler.emit = lambda record: lines.append(record.getMessage())
     logger = get_logger()
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not .level =: it also clears the logger's isEnabledFor cache
     kernels_cuda._announced.clear()
     yield lines
     logger.removeHandler(handler)
