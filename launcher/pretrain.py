@@ -28,11 +28,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dry-run", action="store_true", help="validate the config and layout for --world-size ranks, start nothing"
     )
     parser.add_argument("--world-size", type=int, default=None, help="with --dry-run: the number of ranks to plan for")
+    parser.add_argument(
+        "--meta-ranks",
+        default=None,
+        help="with --dry-run: comma-separated ranks whose model shards to build on the meta device and count",
+    )
     return parser.parse_args(argv)
 
 
-def dry_run(cfg, world_size: int) -> None:
-    """Validate for world_size ranks and print the layout; no process group, no tensors."""
+def dry_run(cfg, world_size: int, meta_ranks: str | None = None) -> dict:
+    """Validate for world_size ranks and print the layout; no process group, no memory. With meta_ranks, build
+    those ranks' model shards on the meta device and report their parameter counts next to the estimate's.
+    Returns {rank: parameters} of the meta ranks."""
+    from megagpt.estimate import stage_params
+
     validate(cfg, world_size)
     topology = Topology(cfg.parallel.tp, data_parallel_size(cfg, world_size), cfg.parallel.pp)
     print(
@@ -40,6 +49,33 @@ def dry_run(cfg, world_size: int) -> None:
         f"vpp={cfg.parallel.vpp}, {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
         f"precision {cfg.train.precision}, zero {cfg.parallel.zero}, recompute {cfg.parallel.recompute}"
     )
+    counts = {}
+    for text in (meta_ranks or "").split(","):
+        if not text.strip():
+            continue
+        try:
+            rank = int(text)
+        except ValueError:
+            raise UserError(f"--meta-ranks {meta_ranks!r} must be comma-separated rank numbers") from None
+        if not 0 <= rank < world_size:
+            raise UserError(f"--meta-ranks: rank {rank} is outside the world of {world_size}")
+        counts[rank] = meta_rank_params(cfg, topology, rank)
+        tp_rank, dp_rank, stage = topology.coords(rank)
+        expected = stage_params(cfg, topology.tp, topology.pp, cfg.parallel.vpp, stage)
+        print(
+            f"rank {rank} (tp {tp_rank}, dp {dp_rank}, stage {stage}): {counts[rank]:,} parameters built on the "
+            f"meta device; the estimate says {expected:,}"
+        )
+    return counts
+
+
+def meta_rank_params(cfg, topology: Topology, rank: int) -> int:
+    """Parameters of one rank's model chunks, built on the meta device (no memory)."""
+    from megagpt.train.pretrain import build_model
+
+    with torch.device("meta"):
+        chunks = build_model(cfg, ParallelContext.planned(topology, rank))
+    return sum(p.numel() for p in chunks.parameters())
 
 
 def main(argv: list[str] | None = None):
@@ -48,7 +84,10 @@ def main(argv: list[str] | None = None):
         if args.dry_run:
             if args.world_size is None or args.world_size < 1:
                 raise UserError("--dry-run needs --world-size N (the number of ranks to plan for)")
-            return dry_run(load_config(args.config, args.overrides), args.world_size)
+            dry_run(load_config(args.config, args.overrides), args.world_size, args.meta_ranks)
+            return None
+        if args.meta_ranks is not None:
+            raise UserError("--meta-ranks is for --dry-run")
         if args.world_size is not None:
             raise UserError("--world-size is for --dry-run; a real run takes its world size from the launcher")
         launch = discover_launch()

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from megagpt.config import ModelConfig, max_positions, padded_vocab_size
 from megagpt.kernels import LayerNorm
 from megagpt.model.attention import causal_attention
+from megagpt.model.loss import linear_cross_entropy
 from megagpt.parallel.comm import copy_to_group, gather_from_group, gather_from_sequence
 from megagpt.parallel.context import Group
 from megagpt.parallel.random import TensorParallelRNG, checkpoint
@@ -254,11 +255,11 @@ class GPT(nn.Module):
         x = gather_from_sequence(x, self.tp_group) if self.sequence_parallel else copy_to_group(x, self.tp_group)
         if self.tp_group.size == 1:
             # The padded vocabulary rows are not tokens: leave them out of the matmul and the softmax.
-            logits = F.linear(x, self.wte.weight[: self.vocab_size])
+            weight = self.wte.weight[: self.vocab_size]
             if labels is None:
-                return logits
-            # Softmax and loss in fp32 whatever the compute precision.
-            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+                return F.linear(x, weight)
+            # Softmax and loss in fp32 whatever the compute precision, chunk by chunk (model/loss.py).
+            return linear_cross_entropy(x.flatten(0, 1), weight, labels.flatten())
 
         logits = F.linear(x, self.wte.weight).float()  # (b, s, V_padded/tp)
         vocab_ids = torch.arange(self.wte.vocab_start, self.wte.vocab_end, device=logits.device)

@@ -66,18 +66,22 @@ class MainParamOptimizer:
         self.copies_back = any(param.dtype != torch.float32 for param, *_ in self.pieces)
         decay = [main for param, _, _, main in self.pieces if decays(param)]
         no_decay = [main for param, _, _, main in self.pieces if not decays(param)]
-        self.adam = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=optim.lr,
-            betas=(optim.beta1, optim.beta2),
-            eps=optim.eps,
-            foreach=True,
-        )
+        groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        hyper = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+        # The fused AdamW kernel (one pass over each tensor; CPU and CUDA since torch 2.4) is several times faster
+        # than the foreach one (bench/train_throughput.py); foreach where a torch or device lacks it.
+        try:
+            self.adam = torch.optim.AdamW(groups, fused=True, **hyper)
+            self.fused = True
+        except RuntimeError:
+            self.adam = torch.optim.AdamW(groups, foreach=True, **hyper)
+            self.fused = False
         # Allocate Adam's moments now, as AdamW would at its first step, so the memory report and checkpoints
-        # see the state from the start (an fp16 run may skip its first steps).
+        # see the state from the start (an fp16 run may skip its first steps). The fused kernel keeps its step
+        # count on the parameters' device.
         for main in self.mains:
             self.adam.state[main] = {
-                "step": torch.tensor(0.0, dtype=torch.float32),
+                "step": torch.tensor(0.0, dtype=torch.float32, device=main.device if self.fused else "cpu"),
                 "exp_avg": torch.zeros_like(main, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(main, memory_format=torch.preserve_format),
             }

@@ -1,0 +1,169 @@
+"""Training throughput of megagpt against Hugging Face transformers' GPT2LMHeadModel, measured in the same run.
+
+    python bench/train_throughput.py [--layers 4] [--hidden 768] [--heads 12] [--seq 1024] [--batch 4]
+                                     [--steps 5] [--threads N] [--precision fp32|bf16] [--preset gpt3-1.3b]
+
+Both train the same GPT-2-shaped decoder (all layers dense, vocabulary 50257, tied embeddings, GELU tanh) with
+AdamW (lr 1e-4, weight decay 0.1, betas 0.9/0.95) on the same random tokens, one optimizer step per batch; steps
+alternate between the two so drifts in machine speed hit both alike; the medians are compared. megagpt runs its
+real training step (the pipeline executor, fp32 gradient buckets, the optimizer over main-weight pieces),
+transformers a plain loop: forward with labels, backward, clip to 1.0, step, zero_grad, once with torch's default
+AdamW and once with its fused kernel (the stronger peer: megagpt uses the fused one).
+
+On a GPU (bf16 by default there) it also reports MFU: model FLOPs per second over the device's bf16 matmul peak,
+measured here with a large matmul. Model FLOPs per step follow Narayanan et al. (2021) with the local layers'
+attention counted at their window: 72 B s l h^2 (1 + s_eff / (6 h) + V / (12 l h)), where s_eff is the mean over
+layers of the keys a query sees (s for dense layers, the window for local ones) and 72 = 3 (forward + backward) x
+24. --preset gpt3-1.3b runs GPT-3 XL's shape (24 layers, hidden 2048, seq 2048, [dense, local]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+VOCAB = 50257
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def megagpt_step(args, device, dtype_name):
+    from megagpt.config import config_from_dict
+    from megagpt.data.gpt_dataset import SyntheticDataset
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.train.pretrain import build_trainer
+
+    run_dir = tempfile.mkdtemp(prefix="megagpt-bench-")
+    cfg = config_from_dict(
+        {"preset": "tiny-cpu"},
+        [
+            f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}", f"model.num_heads={args.heads}",
+            f"model.seq_length={args.seq}", f"model.vocab_size={VOCAB}", f"model.attention_pattern={args.pattern}",
+            f"model.local_window={args.window}", "model.dropout=0.0", f"train.global_batch_size={args.batch}",
+            f"train.micro_batch_size={args.batch}", f"train.precision={dtype_name}", f"train.device={device.type}",
+            "train.iters=1000000", "optim.lr=1e-4", "optim.warmup_iters=0", "optim.clip_grad=1.0",
+            f"logging.dir={run_dir}", "logging.tensorboard=false",
+        ],
+    )  # fmt: skip
+    data = SyntheticDataset(args.batch * (args.steps + 2) * 2, args.seq, VOCAB, seed=1)
+    trainer = build_trainer(cfg, ParallelContext.single_process(device), data, None, None)
+
+    def step():
+        trainer.train_step()
+
+    return step
+
+
+def hf_step(args, device, dtype, fused_adam: bool = False):
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads, n_positions=args.seq,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config).to(device=device, dtype=dtype).train()
+    fused = {"fused": True} if fused_adam else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, **fused)
+    generator = torch.Generator().manual_seed(1)
+
+    def step():
+        tokens = torch.randint(0, VOCAB, (args.batch, args.seq), generator=generator).to(device)
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed_alternating(contenders: dict, steps: int, device) -> dict[str, float]:
+    """Median seconds per step of each contender; one warm-up step each first."""
+    times = {name: [] for name in contenders}
+    for i in range(steps + 1):
+        for name, step in contenders.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            if i:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def model_flops_per_step(args) -> float:
+    pattern = [kind.strip() for kind in args.pattern.strip("[]").split(",")]
+    keys = [args.window if pattern[i % len(pattern)] == "local" else args.seq for i in range(args.layers)]
+    s_eff = sum(min(k, args.seq) for k in keys) / args.layers
+    b, s, h, layers = args.batch, args.seq, args.hidden, args.layers
+    return 72 * b * s * layers * h * h * (1 + s_eff / (6 * h) + VOCAB / (12 * layers * h))
+
+
+def matmul_peak(device, dtype) -> float:
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    synchronize(device)
+    return 20 * 2 * n**3 / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--pattern", default="[dense]", help="megagpt's attention_pattern (transformers: all dense)")
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--preset", choices=("gpt3-1.3b",), default=None)
+    args = parser.parse_args()
+    if args.preset == "gpt3-1.3b":
+        args.layers, args.hidden, args.heads, args.seq, args.pattern = 24, 2048, 16, 2048, "[dense,local]"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    what = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"# {what}, {precision}, torch {torch.__version__}; {args.layers} layers, hidden {args.hidden}, "
+        f"{args.heads} heads, seq {args.seq}, batch {args.batch}, megagpt attention_pattern {args.pattern}"
+    )
+    contenders = {
+        "megagpt": megagpt_step(args, device, precision),
+        "transformers": hf_step(args, device, dtype),  # torch's default AdamW, as a plain training loop has
+        "transformers+fused": hf_step(args, device, dtype, fused_adam=True),  # the stronger peer
+    }
+    times = timed_alternating(contenders, args.steps, device)
+    tokens = args.batch * args.seq
+    for name, seconds in times.items():
+        print(f"{name:20s} {seconds * 1e3:9.1f} ms/step {tokens / seconds:10.0f} tokens/s")
+    for peer in ("transformers", "transformers+fused"):
+        print(f"megagpt / {peer} tokens/s: {times[peer] / times['megagpt']:.2f}x")
+    if device.type == "cuda":
+        peak = matmul_peak(device, dtype)
+        flops = model_flops_per_step(args)
+        print(f"measured matmul peak {peak / 1e12:.0f} TFLOP/s; model FLOPs per step {flops / 1e12:.2f} T")
+        for name, seconds in times.items():
+            print(f"{name:14s} MFU {flops / seconds / peak:.1%}")
+
+
+if __name__ == "__main__":
+    main()

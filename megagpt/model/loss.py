@@ -1,0 +1,63 @@
+"""The output layer and its cross entropy in one pass over the sequence, chunk by chunk (tp = 1).
+
+    loss = linear_cross_entropy(x, weight, labels)      # mean over rows of -log softmax(x @ weight.T)[label]
+
+With GPT-2's 50k vocabulary the logits are the largest tensor of a step (b * s * 50257 floats: 823 MB at
+4 x 1024), and the plain path materializes them twice more (the softmax's gradient, the matmul's input). Here a
+chunk of rows at a time computes its logits, their log-sum-exp and loss, and, when gradients are wanted, the
+gradient of the summed loss with respect to the logits (softmax minus one-hot) and from it the chunk's input
+gradient and its share of the weight gradient, all in the forward pass: the backward only scales them by the
+incoming gradient / N. The same FLOPs as forward + backward, with one (chunk, vocab) tensor alive at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ROWS = 1024
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, labels, chunk_rows):
+        # x: (N, h), weight: (V, h), labels: (N,) -> mean loss, a 0-d fp32 tensor
+        n = x.shape[0]
+        wide = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16/fp16/fp32, fp64 stays fp64
+        wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if wants_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if wants_grad else None
+        total = torch.zeros((), dtype=wide, device=x.device)
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, min(n, start + chunk_rows))
+            logits = (x[rows] @ weight.t()).to(wide)  # (c, V), softmax in fp32 whatever the compute dtype
+            lse = torch.logsumexp(logits, dim=-1)
+            label_logits = logits.gather(1, labels[rows].unsqueeze(1)).squeeze(1)
+            total += (lse - label_logits).sum()
+            probs = logits
+            if wants_grad:
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # in place: the chunk's logits become its softmax
+                probs.scatter_add_(1, labels[rows].unsqueeze(1), probs.new_full((probs.shape[0], 1), -1.0))
+                probs = probs.to(x.dtype)  # d(sum of losses) / d(logits)
+                torch.matmul(probs, weight, out=grad_x[rows])
+                if grad_weight.dtype == x.dtype:
+                    grad_weight.addmm_(probs.t(), x[rows])  # in place: no (V, h) temporary
+                else:
+                    grad_weight.add_(probs.t() @ x[rows])  # bf16 / fp16 products, accumulated in fp32
+            del logits, probs  # before the next chunk's logits exist: one (chunk, V) tensor alive at a time
+        ctx.save_for_backward(grad_x, grad_weight)
+        ctx.n = n
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_weight = ctx.saved_tensors
+        scale = grad_loss / ctx.n
+        dx = grad_x * scale.to(grad_x.dtype) if ctx.needs_input_grad[0] else None
+        dw = (grad_weight * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int = CHUNK_ROWS):
+    """Mean cross entropy of x @ weight.T against labels; x (N, h), weight (V, h), labels (N,) in [0, V)."""
+    return LinearCrossEntropy.apply(x, weight, labels, chunk_rows)
