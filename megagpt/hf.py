@@ -37,6 +37,7 @@ from megagpt.errors import UserError
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # the tanh-approximated GELU megagpt's MLP uses
 SUPPORTED = ("gpt2", "gpt_neo")
+GPT2_VOCAB, GPT2_EOT = 50257, 50256
 
 
 class ConversionError(UserError):
@@ -79,7 +80,7 @@ def to_hf(tensors: dict[str, torch.Tensor], model_cfg: dict) -> tuple[object, di
 
     vocab, heads, h = model_cfg["vocab_size"], model_cfg["num_heads"], model_cfg["hidden_size"]
     local = has_local_layers(model_cfg)
-    eos = 50256 if vocab > 50256 else None
+    eos = GPT2_EOT if vocab == GPT2_VOCAB else None  # GPT-2's end-of-text, only with its vocabulary
     common = dict(vocab_size=vocab, bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True)
     state = {
         "transformer.wte.weight": tensors["wte.weight"][:vocab],
@@ -181,6 +182,9 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                 state.update(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:  # safetensors and torch raise their own types for a damaged file
             raise ConversionError(f"cannot read the weights file {path}: {e}") from None
+    # OpenAI's GPT-2 checkpoints (gpt2, gpt2-medium, ...) name the base model's tensors without its prefix.
+    if not any(name.startswith("transformer.") for name in state):
+        state = {name if name.startswith("lm_head.") else f"transformer.{name}": t for name, t in state.items()}
     return config, state
 
 
@@ -237,7 +241,13 @@ def _base_model_cfg(layers, hidden, heads, positions, vocab, eps, dropout, activ
     }  # fmt: skip
 
 
+def _require_keys(c: dict, *keys: str) -> None:
+    missing = [key for key in keys if key not in c]
+    _check(not missing, f"the Hugging Face config has no {', '.join(missing)}")
+
+
 def _from_gpt2(c: dict, state: dict) -> tuple[dict, dict]:
+    _require_keys(c, "n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
     _check(c.get("scale_attn_weights", True), "scale_attn_weights=false: megagpt always scales by 1/sqrt(head_dim)")
     _check(not c.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx is not supported")
     _check(c.get("tie_word_embeddings", True), "untied output embeddings: megagpt ties the output layer to wte")
@@ -263,6 +273,8 @@ def _from_gpt2(c: dict, state: dict) -> tuple[dict, dict]:
 
 
 def _from_gpt_neo(c: dict, state: dict) -> tuple[dict, dict]:
+    _require_keys(c, "num_layers", "hidden_size", "num_heads", "max_position_embeddings", "vocab_size",
+                  "attention_types", "window_size")  # fmt: skip
     _check(c.get("tie_word_embeddings", True), "untied output embeddings: megagpt ties the output layer to wte")
     layers = c["num_layers"]
     kinds = [kind for pattern, repeat in c["attention_types"] for _ in range(repeat) for kind in pattern]
@@ -327,7 +339,7 @@ def checkpoint_to_hf_folder(checkpoint: str | Path, out: str | Path, dtype: torc
     config.save_pretrained(out)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id).save_pretrained(out)
     save_file({name: t.to(dtype) for name, t in state.items()}, str(out / "model.safetensors"), {"format": "pt"})
-    if saved.meta["model"]["vocab_size"] == 50257:
+    if saved.meta["model"]["vocab_size"] == GPT2_VOCAB:
         write_gpt2_tokenizer(out, max_position_count(saved.meta["model"]))
     return out
 

@@ -82,15 +82,23 @@ def discover_launch(env: dict | None = None) -> LaunchInfo:
     _require_all(env, TORCHRUN_VARS, "torchrun", "launch with torchrun, or unset these variables to run one process")
     if all(name in env for name in TORCHRUN_VARS):
         return _from_torchrun(env)
+    _require_all(env, OPEN_MPI_VARS, "mpirun", "launch with mpirun, or unset these variables")
+    _require_all(env, PMI_VARS, "mpirun", "launch with mpirun / mpiexec, or unset these variables")
+    mpi = all(name in env for name in OPEN_MPI_VARS) or all(name in env for name in PMI_VARS)
     if "SLURM_STEP_ID" in env:  # inside an srun job step (a batch script alone has no step id)
         _require_all(env, SLURM_VARS, "srun", "launch with srun, or unset these variables")
         if all(name in env for name in SLURM_VARS):
-            return _from_slurm(env)
-    _require_all(env, OPEN_MPI_VARS, "mpirun", "launch with mpirun, or unset these variables")
-    _require_all(env, PMI_VARS, "mpirun", "launch with mpirun / mpiexec, or unset these variables")
-    if all(name in env for name in OPEN_MPI_VARS) or all(name in env for name in PMI_VARS):
+            # mpirun inside an allocation starts its per-node daemons with srun: the ranks then inherit that
+            # step's variables (one task per node). MPI's own world is the ranks' when the two disagree.
+            if not (mpi and _mpi_world_size(env) != _int_env(env, "SLURM_NTASKS")):
+                return _from_slurm(env)
+    if mpi:
         return _from_mpi(env)
     return LaunchInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, source="single process")
+
+
+def _mpi_world_size(env: dict) -> int:
+    return _int_env(env, "OMPI_COMM_WORLD_SIZE" if "OMPI_COMM_WORLD_SIZE" in env else "PMI_SIZE")
 
 
 def _from_torchrun(env: dict) -> LaunchInfo:
@@ -154,15 +162,10 @@ def _mpi_rendezvous(rank: int, addr: str | None, port: str | None) -> tuple[str,
         ) from None
     mine = None
     if rank == 0:
-        mine = (addr or _host_address(), int(port) if port else _free_port())
+        # Rank 0's host name, resolved by each rank (as torchrun does): its own resolution of itself may be a
+        # loopback address (Debian maps the host name to 127.0.1.1), which other nodes cannot reach.
+        mine = (addr or socket.gethostname(), int(port) if port else _free_port())
     return MPI.COMM_WORLD.bcast(mine, root=0)
-
-
-def _host_address() -> str:
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
 
 
 def _free_port() -> int:
@@ -243,5 +246,8 @@ def resolve_device(requested: str, local_rank: int, local_world_size: int = 1) -
 
 def set_cpu_threads(local_world_size: int) -> None:
     """Share the node's cores among its processes, so N ranks on one CPU do not oversubscribe it."""
-    cores = os.cpu_count() or 1
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may run on (a Slurm task's, a cgroup's)
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // local_world_size))

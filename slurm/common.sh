@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Shared by the sbatch scripts in slurm/ (sourced, not run). Submit them from the repository root.
+# Shared by the sbatch scripts in slurm/ (sourced, not run). Submit them from the repository root; their output
+# goes to slurm-<job name>-<job id>.out there (Slurm does not create folders for it).
 #
 # megagpt_srun ARGS...   runs `python launcher/pretrain.py ARGS...` as one srun task per rank (the launcher
 #                        reads its rank from SLURM_PROCID etc., megagpt/launch.py), and handles preemption:
@@ -10,7 +11,10 @@
 # With DRY_RUN=1 it only validates the config for SLURM_NTASKS ranks (launcher/pretrain.py --dry-run).
 
 PYTHON=${PYTHON:-python}
-SRUN_ARGS=("${SRUN_ARGS[@]}")  # extra srun options a script or the caller sets (an empty array by default)
+# Extra srun options: an array set by a script, or a string from the environment ("--exclusive --mpi=pmix").
+if [[ "$(declare -p SRUN_ARGS 2>/dev/null)" != "declare -a"* ]]; then
+  read -ra SRUN_ARGS <<< "${SRUN_ARGS:-}"
+fi
 
 megagpt_srun() {
   if [[ -n "${DRY_RUN:-}" ]]; then  # check the config and layout for this job's ranks, start nothing

@@ -16,7 +16,7 @@
 #SBATCH --mem=0
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
-#SBATCH --output=runs/gpt3-1.3b/slurm-%j.out
+#SBATCH --output=slurm-%x-%j.out
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@300
@@ -30,6 +30,8 @@ RUN_DIR=${RUN_DIR:-runs/gpt3-1.3b}
 mkdir -p "$RUN_DIR"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# srun stopped inheriting sbatch's --cpus-per-task in Slurm 22.05: give each rank its cores explicitly.
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 
 megagpt_srun --config configs/gpt3-1.3b.yaml \
   parallel.tp=1 parallel.pp=1 parallel.zero=1 \

@@ -20,7 +20,7 @@
 #SBATCH --mem=0
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
-#SBATCH --output=runs/gpt3-175b/slurm-%j.out
+#SBATCH --output=slurm-%x-%j.out
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@600
@@ -46,6 +46,8 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1
 # A failed or timed-out collective aborts the job (and frees the nodes) instead of hanging it.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# srun stopped inheriting sbatch's --cpus-per-task in Slurm 22.05: give each rank its cores explicitly.
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 # Site-specific NCCL settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) are inherited from the submitting shell.
 
 megagpt_srun --config configs/gpt3-175b.yaml \

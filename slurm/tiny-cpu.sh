@@ -10,7 +10,7 @@
 #SBATCH --ntasks=4
 #SBATCH --overcommit
 #SBATCH --time=00:30:00
-#SBATCH --output=runs/slurm-%x-%j.out
+#SBATCH --output=slurm-%x-%j.out
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@60

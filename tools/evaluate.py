@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         from megagpt.data.indexed_dataset import IndexedDataset
         from megagpt.inference import inference_context, load_for_inference, mean_loss
 
+        if args.micro_batch < 1 or (args.max_samples is not None and args.max_samples < 1):
+            raise UserError("--micro-batch and --max-samples must be at least 1")
         ctx = inference_context(args.device)
         model, cfg = load_for_inference(args.load, ctx)
         indexed = IndexedDataset(args.data)

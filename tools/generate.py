@@ -6,9 +6,9 @@
 
 Sampling (the default) draws from softmax(logits / temperature), cut to the top_k most likely tokens and to the
 smallest set reaching top_p; --greedy takes the argmax. Generation stops after --max-new-tokens, or at the
-end-of-text token (50256) of GPT-2's vocabulary unless --ignore-eos. --prompt needs GPT-2's vocabulary (the model's
-vocab_size 50257); --prompt-ids works with any. Rank 0 prints the text, or with --output-ids the prompt and new
-token ids as one JSON list.
+end-of-text token (50256) when the model has GPT-2's vocabulary, unless --ignore-eos. --prompt needs GPT-2's
+vocabulary (the model's vocab_size 50257); --prompt-ids works with any. Rank 0 prints the text, or with
+--output-ids the prompt and new token ids as one JSON list.
 """
 
 from __future__ import annotations
@@ -55,7 +55,10 @@ def prompt_ids(args, vocab_size: int) -> list[int]:
         raise UserError(f"--prompt needs GPT-2's vocabulary, but the model has {vocab_size} tokens; use --prompt-ids")
     from megagpt.data.tokenizer import get_tokenizer
 
-    return get_tokenizer().encode_ordinary(args.prompt)
+    ids = get_tokenizer().encode_ordinary(args.prompt)
+    if not ids:
+        raise UserError("--prompt is empty; give some text to continue")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = inference_context(args.device)
         model, cfg = load_for_inference(args.load, ctx, args.precision)
         prompt = torch.tensor([prompt_ids(args, cfg.model.vocab_size)], device=ctx.device)
-        eos = None if args.ignore_eos or cfg.model.vocab_size <= EOT else EOT
+        eos = None if args.ignore_eos or cfg.model.vocab_size != 50257 else EOT  # GPT-2's vocabulary only
         ids = generate(
             model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,

@@ -19,13 +19,15 @@ CHUNK_ROWS = 1024
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, chunk_rows):
-        # x: (N, h), weight: (V, h), labels: (N,) -> mean loss, a 0-d fp32 tensor
+    def forward(ctx, x, weight, labels, chunk_rows, grad_x_wanted, grad_weight_wanted):
+        # x: (N, h), weight: (V, h), labels: (N,) -> mean loss, a 0-d fp32 tensor. Whether gradients are wanted
+        # comes from the caller: inside forward autograd has turned grad mode off, and needs_input_grad says
+        # only what requires grad, not whether a backward can follow (evaluation under no_grad).
         n = x.shape[0]
         wide = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16/fp16/fp32, fp64 stays fp64
-        wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        wants_grad = grad_x_wanted or grad_weight_wanted
         grad_x = torch.empty_like(x) if wants_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if wants_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if grad_weight_wanted else None
         total = torch.zeros((), dtype=wide, device=x.device)
         for start in range(0, n, chunk_rows):
             rows = slice(start, min(n, start + chunk_rows))
@@ -39,7 +41,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 probs.scatter_add_(1, labels[rows].unsqueeze(1), probs.new_full((probs.shape[0], 1), -1.0))
                 probs = probs.to(x.dtype)  # d(sum of losses) / d(logits)
                 torch.matmul(probs, weight, out=grad_x[rows])
-                if grad_weight.dtype == x.dtype:
+                if grad_weight is None:
+                    pass
+                elif grad_weight.dtype == x.dtype:
                     grad_weight.addmm_(probs.t(), x[rows])  # in place: no (V, h) temporary
                 else:
                     grad_weight.add_(probs.t() @ x[rows])  # bf16 / fp16 products, accumulated in fp32
@@ -50,14 +54,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         return total / n
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         grad_x, grad_weight = ctx.saved_tensors
         scale = grad_loss / ctx.n
         dx = grad_x * scale.to(grad_x.dtype) if ctx.needs_input_grad[0] else None
         dw = (grad_weight * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None
+        return dx, dw, None, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int = CHUNK_ROWS):
     """Mean cross entropy of x @ weight.T against labels; x (N, h), weight (V, h), labels (N,) in [0, V)."""
-    return LinearCrossEntropy.apply(x, weight, labels, chunk_rows)
+    grad = torch.is_grad_enabled()
+    return LinearCrossEntropy.apply(
+        x, weight, labels, chunk_rows, grad and x.requires_grad, grad and weight.requires_grad
+    )

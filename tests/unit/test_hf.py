@@ -243,3 +243,31 @@ def test_evaluate_reports_the_loss_and_perplexity_of_a_split(tmp_path, shakespea
     loss, _ = mean_loss(model, dataset, 4, 6)
     assert report["loss"] == pytest.approx(loss, rel=1e-6)
     assert 5.0 < report["loss"] < 12.0  # an untrained-ish model on real text: near log(50257) = 10.8 or below
+
+
+def test_openai_style_gpt2_folders_without_the_transformer_prefix_convert(tmp_path):
+    """OpenAI's GPT-2 checkpoints store the base model's tensors as h.0.attn..., not transformer.h.0.attn..."""
+    from safetensors.torch import load_file
+
+    perturbed(transformers.GPT2Model(hf_gpt2().config)).save_pretrained(tmp_path / "hf")
+    assert not any(name.startswith("transformer.") for name in load_file(str(tmp_path / "hf" / "model.safetensors")))
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    checkpoint = hf_folder_to_checkpoint(tmp_path / "hf", tmp_path / "ck")
+    ours, _ = load_for_inference(checkpoint, ParallelContext.single_process())
+    x = tokens()
+    with torch.no_grad():
+        assert (theirs(x).logits - ours(x)).abs().max() < 1e-4
+
+
+def test_the_loss_pass_computes_no_gradients_under_no_grad():
+    from megagpt.model.loss import linear_cross_entropy
+    from megagpt.train.memory import AllocationTracker
+
+    x = torch.randn(512, 64, requires_grad=True)
+    weight = torch.randn(8192, 64, requires_grad=True)
+    labels = torch.randint(0, 8192, (512,))
+    with torch.no_grad(), AllocationTracker() as tracker:
+        loss = linear_cross_entropy(x, weight, labels, chunk_rows=128)
+    chunk_logits, weight_gradient = 128 * 8192 * 4, 8192 * 64 * 4
+    assert tracker.peak < chunk_logits + weight_gradient // 2  # one chunk's logits, no (V, h) weight gradient
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(x @ weight.t(), labels).item(), rel=1e-5)

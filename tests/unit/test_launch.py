@@ -99,3 +99,12 @@ def test_mpirun_without_mpi4py_or_master_says_what_to_do(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_mpi4py)
     with pytest.raises(UserError, match="mpi4py .* is not installed: pip install 'megagpt\\[mpi\\]'"):
         discover_launch({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
+
+
+def test_mpirun_inside_a_slurm_allocation_is_mpi():
+    """mpirun starts its per-node daemons with srun; its ranks inherit that step's one-task-per-node variables."""
+    env = {**SRUN, "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+           "OMPI_COMM_WORLD_RANK": "9", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "8", "MASTER_ADDR": "gpu007", "MASTER_PORT": "29400"}  # fmt: skip
+    info = discover_launch(env)
+    assert (info.source, info.rank, info.world_size, info.local_rank) == ("mpi", 9, 16, 1)
