@@ -10,6 +10,8 @@ dropout off. Pipeline parallelism is not used here: each rank holds every layer 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -65,9 +67,15 @@ def load_for_inference(path: str | Path, ctx: ParallelContext, precision: str = 
     return model.eval(), cfg
 
 
-def inference_context(device: str = "auto") -> ParallelContext:
+@contextmanager
+def inference_context(device: str = "auto") -> Iterator[ParallelContext]:
     """This process's context for a tool run with plain python (one process) or under torchrun, where the
-    world is one tensor-parallel group (tp = the number of processes)."""
+    world is one tensor-parallel group (tp = the number of processes); the process group, if one was made, is
+    destroyed on the way out, error or not.
+
+        with inference_context(args.device) as ctx:
+            model, cfg = load_for_inference(args.load, ctx)
+    """
     from megagpt.launch import discover_launch, resolve_device, set_cpu_threads
     from megagpt.log import setup_logging
     from megagpt.parallel.topology import Topology
@@ -78,9 +86,14 @@ def inference_context(device: str = "auto") -> ParallelContext:
     if where.type == "cpu":
         set_cpu_threads(launch.local_world_size)
     if launch.world_size == 1:
-        return ParallelContext.single_process(where)
+        yield ParallelContext.single_process(where)
+        return
     launch.export_rendezvous()
-    return ParallelContext.initialize(Topology(launch.world_size, 1, 1), launch.rank, where)
+    try:
+        yield ParallelContext.initialize(Topology(launch.world_size, 1, 1), launch.rank, where)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 @torch.no_grad()

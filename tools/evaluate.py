@@ -39,32 +39,27 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.micro_batch < 1 or (args.max_samples is not None and args.max_samples < 1):
             raise UserError("--micro-batch and --max-samples must be at least 1")
-        ctx = inference_context(args.device)
-        model, cfg = load_for_inference(args.load, ctx)
-        indexed = IndexedDataset(args.data)
-        documents = split_documents(indexed.num_documents, args.split_weights)[SPLITS.index(args.split)]
-        offsets = indexed.document_token_offsets()
-        split_tokens = int(np.int64(offsets[documents[1]]) - np.int64(offsets[documents[0]]))
-        samples = (split_tokens - 1) // cfg.model.seq_length  # one pass over the split
-        if samples < 1:
-            raise UserError(
-                f"the {args.split} split of {args.data} holds {split_tokens} tokens, fewer than one window of "
-                f"{cfg.model.seq_length + 1}; choose another --split or --split-weights"
-            )
-        dataset = GPTDataset(indexed, documents, samples, cfg.model.seq_length, cfg.train.seed, name=args.split)
-        loss, tokens = mean_loss(model, dataset, args.micro_batch, args.max_samples)
-        if ctx.rank == 0:
-            result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
-                      "samples": math.ceil(tokens / cfg.model.seq_length), "split": args.split}  # fmt: skip
-            print(json.dumps(result))
+        with inference_context(args.device) as ctx:
+            model, cfg = load_for_inference(args.load, ctx)
+            indexed = IndexedDataset(args.data)
+            documents = split_documents(indexed.num_documents, args.split_weights)[SPLITS.index(args.split)]
+            offsets = indexed.document_token_offsets()
+            split_tokens = int(np.int64(offsets[documents[1]]) - np.int64(offsets[documents[0]]))
+            samples = (split_tokens - 1) // cfg.model.seq_length  # one pass over the split
+            if samples < 1:
+                raise UserError(
+                    f"the {args.split} split of {args.data} holds {split_tokens} tokens, fewer than one window of "
+                    f"{cfg.model.seq_length + 1}; choose another --split or --split-weights"
+                )
+            dataset = GPTDataset(indexed, documents, samples, cfg.model.seq_length, cfg.train.seed, name=args.split)
+            loss, tokens = mean_loss(model, dataset, args.micro_batch, args.max_samples)
+            if ctx.rank == 0:
+                result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
+                          "samples": math.ceil(tokens / cfg.model.seq_length), "split": args.split}  # fmt: skip
+                print(json.dumps(result))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 

@@ -71,29 +71,24 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.max_new_tokens < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
             raise UserError("--max-new-tokens and --top-k must be >= 0 and --top-p in (0, 1]")
-        ctx = inference_context(args.device)
-        model, cfg = load_for_inference(args.load, ctx, args.precision)
-        prompt = torch.tensor([prompt_ids(args, cfg.model.vocab_size)], device=ctx.device)
-        eos = None if args.ignore_eos or cfg.model.vocab_size != 50257 else EOT  # GPT-2's vocabulary only
-        ids = generate(
-            model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,
-        )[0].tolist()  # fmt: skip
-        if ctx.rank == 0:
-            if args.output_ids or cfg.model.vocab_size != 50257:
-                print(json.dumps(ids))
-            else:
-                from megagpt.data.tokenizer import get_tokenizer
+        with inference_context(args.device) as ctx:
+            model, cfg = load_for_inference(args.load, ctx, args.precision)
+            prompt = torch.tensor([prompt_ids(args, cfg.model.vocab_size)], device=ctx.device)
+            eos = None if args.ignore_eos or cfg.model.vocab_size != 50257 else EOT  # GPT-2's vocabulary only
+            ids = generate(
+                model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,
+            )[0].tolist()  # fmt: skip
+            if ctx.rank == 0:
+                if args.output_ids or cfg.model.vocab_size != 50257:
+                    print(json.dumps(ids))
+                else:
+                    from megagpt.data.tokenizer import get_tokenizer
 
-                print(get_tokenizer().decode(ids))
+                    print(get_tokenizer().decode(ids))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 
