@@ -34,14 +34,11 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def megagpt_step(args, device, dtype_name):
+def megagpt_config(args, device, dtype_name):
     from megagpt.config import config_from_dict
-    from megagpt.data.gpt_dataset import SyntheticDataset
-    from megagpt.parallel.context import ParallelContext
-    from megagpt.train.pretrain import build_trainer
 
     run_dir = tempfile.mkdtemp(prefix="megagpt-bench-")
-    cfg = config_from_dict(
+    return config_from_dict(
         {"preset": "tiny-cpu"},
         [
             f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}", f"model.num_heads={args.heads}",
@@ -52,6 +49,14 @@ def megagpt_step(args, device, dtype_name):
             f"logging.dir={run_dir}", "logging.tensorboard=false",
         ],
     )  # fmt: skip
+
+
+def megagpt_step(args, device, dtype_name):
+    from megagpt.data.gpt_dataset import SyntheticDataset
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.train.pretrain import build_trainer
+
+    cfg = megagpt_config(args, device, dtype_name)
     data = SyntheticDataset(args.batch * (args.steps + 2) * 2, args.seq, VOCAB, seed=1)
     trainer = build_trainer(cfg, ParallelContext.single_process(device), data, None, None)
 
@@ -96,14 +101,6 @@ def timed_alternating(contenders: dict, steps: int, device) -> dict[str, float]:
             if i:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def model_flops_per_step(args) -> float:
-    pattern = [kind.strip() for kind in args.pattern.strip("[]").split(",")]
-    keys = [args.window if pattern[i % len(pattern)] == "local" else args.seq for i in range(args.layers)]
-    s_eff = sum(min(k, args.seq) for k in keys) / args.layers
-    b, s, h, layers = args.batch, args.seq, args.hidden, args.layers
-    return 72 * b * s * layers * h * h * (1 + s_eff / (6 * h) + VOCAB / (12 * layers * h))
 
 
 def matmul_peak(device, dtype) -> float:
@@ -159,7 +156,9 @@ def main():
         print(f"megagpt / {peer} tokens/s: {times[peer] / times['megagpt']:.2f}x")
     if device.type == "cuda":
         peak = matmul_peak(device, dtype)
-        flops = model_flops_per_step(args)
+        from megagpt.estimate import model_flops_per_step  # the formula in the module docstring
+
+        flops = model_flops_per_step(megagpt_config(args, device, precision))
         print(f"measured matmul peak {peak / 1e12:.0f} TFLOP/s; model FLOPs per step {flops / 1e12:.2f} T")
         for name, seconds in times.items():
             print(f"{name:14s} MFU {flops / seconds / peak:.1%}")

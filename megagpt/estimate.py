@@ -30,9 +30,14 @@ Memory per GPU, on the fullest rank (the first pipeline stage, or the last where
                    embedding it computes in the forward (V h / t x 4), and one chunk of fp32 logits (1024 rows x V / t)
                    or, in backward, the gradient's copy in the weight's dtype, whichever is larger.
 
-FLOPs per step: 72 B s l h^2 (1 + s_eff / (6 h) + V / (12 l h)) (Narayanan et al. 2021: 24 per layer and token
-forward, x3 with backward), s_eff the mean keys a query sees (a local layer's window); recomputation adds the
-recomputed forward as hardware FLOPs. Pipeline bubble: (pp - 1) / (vpp m), m = micro-batches per step per replica.
+FLOPs per step: 72 B s l h^2 (1 + s_eff / (6 h) + V / (12 l h)) (Narayanan et al. 2021: 24 B s h^2 + 4 B s^2 h
+per layer forward, x3 with backward), where s_eff is the mean over layers of the keys each query is counted
+against: s for a dense layer (the convention does not halve for causality) and the window for a local one.
+Recomputation adds hardware FLOPs, not model FLOPs: selective the attention core's forward (4 B s keys h per
+layer), full each layer's whole forward (24 B s h^2 + 4 B s keys h); the output layer is never recomputed.
+Step time = model FLOPs / (GPUs x peak x MFU) x (1 + bubble): the stated MFU is the utilization while the
+pipeline computes, and HFU = MFU x hardware / model FLOPs. Pipeline bubble: (pp - 1) / (vpp m), m = micro-batches
+per step per replica.
 """
 
 from __future__ import annotations
@@ -198,16 +203,34 @@ def _with_recompute(cfg: Config, recompute: str) -> Config:
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, recompute=recompute))
 
 
-def model_flops_per_step(cfg: Config) -> float:
-    m, t = cfg.model, cfg.train
-    s, h, layers, vocab = m.seq_length, m.hidden_size, m.num_layers, m.vocab_size
-    keys = [
-        min(m.local_window, s) if m.attention_pattern[i % len(m.attention_pattern)] == "local" else s
-        for i in range(layers)
+def attention_keys(cfg: Config) -> list[int]:
+    """Per layer, the keys each query is counted against: s for a dense layer, the window for a local one."""
+    m = cfg.model
+    pattern = m.attention_pattern
+    return [
+        min(m.local_window, m.seq_length) if pattern[i % len(pattern)] == "local" else m.seq_length
+        for i in range(m.num_layers)
     ]
-    s_eff = sum(keys) / layers
-    b = t.global_batch_size
+
+
+def model_flops_per_step(cfg: Config) -> float:
+    m, b = cfg.model, cfg.train.global_batch_size
+    s, h, layers, vocab = m.seq_length, m.hidden_size, m.num_layers, m.vocab_size
+    s_eff = sum(attention_keys(cfg)) / layers
     return 72 * b * s * layers * h * h * (1 + s_eff / (6 * h) + vocab / (12 * layers * h))
+
+
+def hardware_flops_per_step(cfg: Config) -> float:
+    """Model FLOPs plus the forward work that activation recomputation repeats in the backward."""
+    m, b = cfg.model, cfg.train.global_batch_size
+    s, h = m.seq_length, m.hidden_size
+    core_attention = sum(4 * b * s * keys * h for keys in attention_keys(cfg))  # q k^T and softmax(.) v, forward
+    repeated = {
+        "none": 0.0,
+        "selective": core_attention,
+        "full": 24 * b * s * h * h * m.num_layers + core_attention,
+    }[cfg.parallel.recompute]
+    return model_flops_per_step(cfg) + repeated
 
 
 def estimate(cfg: Config, world_size: int, gpu: str = "h100", mfu: float = 0.4, tokens: float | None = None) -> dict:
@@ -217,10 +240,9 @@ def estimate(cfg: Config, world_size: int, gpu: str = "h100", mfu: float = 0.4, 
     micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
     stages = [stage_estimate(cfg, world_size, stage) for stage in range(p.pp)]
     fullest = max(stages, key=lambda st: st.total_bytes)
-    flops = model_flops_per_step(cfg)
-    recompute_factor = {"none": 1.0, "selective": 1.0, "full": 4 / 3}[p.recompute]
+    flops, hardware_flops = model_flops_per_step(cfg), hardware_flops_per_step(cfg)
     peak = GPU_PEAK_TFLOPS[gpu] * 1e12
-    step_seconds = flops * recompute_factor / (world_size * peak * mfu)
+    step_seconds = flops / (world_size * peak * mfu)
     bubble = (p.pp - 1) / (p.vpp * micro_batches) if p.pp > 1 else 0.0
     step_seconds *= 1 + bubble
     tokens = tokens if tokens is not None else total_train_samples(t) * m.seq_length
@@ -235,10 +257,12 @@ def estimate(cfg: Config, world_size: int, gpu: str = "h100", mfu: float = 0.4, 
         "memory_per_gpu_bytes": asdict(fullest) | {"total_bytes": fullest.total_bytes},
         "memory_by_stage_bytes": [st.total_bytes for st in stages],
         "model_flops_per_step": flops,
+        "hardware_flops_per_step": hardware_flops,
         "micro_batches_per_step": micro_batches,
         "pipeline_bubble": bubble,
         "gpu": gpu,
         "mfu": mfu,
+        "hfu": mfu * hardware_flops / flops,
         "step_seconds": step_seconds,
         "tokens": tokens,
         "days": steps * step_seconds / 86400,
@@ -262,9 +286,11 @@ def report(result: dict) -> str:
         f"{gib(mem['grads_bytes'])}, optimizer {gib(mem['optimizer_bytes'])}, activations "
         f"{gib(mem['activations_bytes'])} ({mem['micro_batches_held']} micro-batches held): "
         f"{gib(mem['total_bytes'])}",
-        f"model FLOPs per step: {result['model_flops_per_step'] / 1e15:.2f} PFLOP; {result['micro_batches_per_step']} "
+        f"model FLOPs per step: {result['model_flops_per_step'] / 1e15:.2f} PFLOP (with recomputation "
+        f"{result['hardware_flops_per_step'] / 1e15:.2f}); {result['micro_batches_per_step']} "
         f"micro-batches per replica; pipeline bubble {result['pipeline_bubble']:.1%}",
-        f"at {result['mfu']:.0%} MFU on {result['gpu']}: {result['step_seconds']:.2f} s per step, "
+        f"at {result['mfu']:.0%} MFU ({result['hfu']:.1%} HFU) on {result['gpu']}: "
+        f"{result['step_seconds']:.2f} s per step, "
         f"{result['days']:.1f} days for {result['tokens'] / 1e9:.0f}B tokens",
     ]
     return "\n".join(lines)

@@ -5,8 +5,9 @@
               Master: the first host of SLURM_JOB_NODELIST (`scontrol show hostnames`, else the compressed list
               parsed here); port: 20000 + job id % 20000, so jobs that share a first node do not collide.
     mpirun    Open MPI's OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE}, or MPICH / Intel MPI's PMI_RANK,
-              PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS. Master: MASTER_ADDR / MASTER_PORT when set, else rank
-              0's address and a free port, sent to every rank with mpi4py.
+              PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS (without the local two, mpi4py says which ranks share
+              the node). Master: MASTER_ADDR / MASTER_PORT when set, else rank 0's address and a free port, sent
+              to every rank with mpi4py.
     none      one process.
 
 The first launcher whose variables are present wins, in that order (torchrun inside an srun task is torchrun).
@@ -142,8 +143,10 @@ def _from_mpi(env: dict) -> LaunchInfo:
     else:
         rank, world_size = (_int_env(env, name) for name in PMI_VARS)
         local_names = ("MPI_LOCALRANKID", "MPI_LOCALNRANKS")
-    local_rank = _int_env(env, local_names[0]) if local_names[0] in env else rank
-    local_world_size = _int_env(env, local_names[1]) if local_names[1] in env else world_size
+    if all(name in env for name in local_names):
+        local_rank, local_world_size = (_int_env(env, name) for name in local_names)
+    else:  # an MPI that does not say which ranks share a node: ask MPI itself
+        local_rank, local_world_size = _mpi_node_ranks(local_names)
     _check_ranks(rank, world_size, local_rank, local_world_size, "the MPI rank variables")
     addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if addr is None or port is None:
@@ -166,6 +169,19 @@ def _mpi_rendezvous(rank: int, addr: str | None, port: str | None) -> tuple[str,
         # loopback address (Debian maps the host name to 127.0.1.1), which other nodes cannot reach.
         mine = (addr or socket.gethostname(), int(port) if port else _free_port())
     return MPI.COMM_WORLD.bcast(mine, root=0)
+
+
+def _mpi_node_ranks(missing: tuple[str, ...]) -> tuple[int, int]:
+    """(rank on this node, ranks on this node), from the ranks that share this node's memory."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise UserError(
+            f"launched by MPI without {' / '.join(missing)} (which ranks share a node), and mpi4py (which would "
+            "find out) is not installed: pip install 'megagpt[mpi]'"
+        ) from None
+    node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    return node.Get_rank(), node.Get_size()
 
 
 def _free_port() -> int:
@@ -230,14 +246,20 @@ def _expand_item(item: str) -> list[str]:
 
 
 def resolve_device(requested: str, local_rank: int, local_world_size: int = 1) -> torch.device:
-    """train.device: auto -> cuda:local_rank when a GPU is present, else cpu. Each local rank takes its own GPU."""
+    """train.device: auto -> cuda:local_rank when a GPU is present, else cpu. Each local rank takes its own GPU;
+    a process that sees a single GPU (the launcher bound one to each task) takes that one."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
-        if local_world_size > torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        if visible == 1:
+            # One GPU per process: the launcher bound each task to its own (srun --gpus-per-task=1 or
+            # --gpu-bind, a per-rank CUDA_VISIBLE_DEVICES), or the node has one GPU.
+            local_rank = 0
+        elif local_world_size > visible:
             raise UserError(
-                f"{local_world_size} processes on this node but {torch.cuda.device_count()} visible GPUs; launch at "
-                f"most {torch.cuda.device_count()} per node (--nproc_per_node) or use train.device=cpu"
+                f"{local_world_size} processes on this node but {visible} visible GPUs; launch at most {visible} "
+                "per node (--nproc_per_node), bind one GPU per task, or use train.device=cpu"
             )
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", torch.cuda.current_device())

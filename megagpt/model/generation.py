@@ -64,8 +64,10 @@ def next_tokens(logits: torch.Tensor, greedy: bool, temperature: float, top_k: i
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # Keep exactly k tokens by index: a threshold on the k-th value would keep every token tied with it,
+        # and ties are common in bf16 / fp16 logits.
+        top = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).indices
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, top, logits.gather(-1, top))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -89,11 +91,20 @@ def generate(
     seed: int = 0,
     eos_id: int | None = None,
 ) -> torch.Tensor:
-    """prompt (b, s) token ids -> (b, s + n) with n <= max_new_tokens (fewer if every row produced eos_id)."""
+    """prompt (b, s) token ids -> (b, s + n) with n <= max_new_tokens, fewer if every row produced eos_id. A row
+    that has produced eos_id is padded with eos_id from there on (as transformers pads with pad_token_id)."""
     if not (model.pre_process and model.post_process):
         raise UserError("generation runs the whole model on each rank: use a layout with parallel.pp=1")
     if not greedy and temperature <= 0:
         raise UserError(f"--temperature={temperature} must be positive (or use --greedy)")
+    if prompt.dim() != 2 or prompt.shape[1] == 0 or max_new_tokens < 0:
+        raise UserError(
+            f"generation needs a (batch, length >= 1) prompt and max_new_tokens >= 0; got a prompt of shape "
+            f"{tuple(prompt.shape)} and max_new_tokens={max_new_tokens}"
+        )
+    if max_new_tokens == 0:
+        return prompt
+    # The whole output must fit the model's positions, so that it can be fed back as context.
     limit = max_positions(model.cfg)
     if prompt.shape[1] + max_new_tokens > limit:
         raise UserError(
@@ -106,13 +117,12 @@ def generate(
     tokens = prompt
     logits = forward_cached(model, prompt, caches, 0)[:, -1]
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    if max_new_tokens == 0:
-        return tokens
     for produced in range(1, max_new_tokens + 1):
         new = next_tokens(logits, greedy, temperature, top_k, top_p, generator)
-        tokens = torch.cat([tokens, new.unsqueeze(1)], dim=1)
         if eos_id is not None:
+            new = new.masked_fill(finished, eos_id)  # finished rows stay finished
             finished |= new == eos_id
+        tokens = torch.cat([tokens, new.unsqueeze(1)], dim=1)
         if produced == max_new_tokens or finished.all():
             break
         logits = forward_cached(model, new.unsqueeze(1), caches, tokens.shape[1] - 1)[:, -1]

@@ -3,6 +3,7 @@ meta device against the estimate, and the memory estimate against what a CPU tra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -37,6 +38,19 @@ def test_the_175b_preset_has_175b_parameters(gpt3_175b):
         72 * b * s * layers * h**2 * (1 + s_eff / (6 * h) + 50257 / (12 * layers * h))
     )
     assert result["pipeline_bubble"] == pytest.approx(15 / (1536 // 8))
+    # Recomputation is hardware work, not model work: selective repeats the attention core's forward
+    # (4 b s keys h per layer), full every layer's forward; the step time at a stated MFU does not change.
+    core = 4 * b * s * h * (2048 + 256) / 2 * layers
+    assert gpt3_175b.parallel.recompute == "selective"
+    assert result["hardware_flops_per_step"] == pytest.approx(result["model_flops_per_step"] + core)
+    full = estimate(
+        dataclasses.replace(gpt3_175b, parallel=dataclasses.replace(gpt3_175b.parallel, recompute="full")), 1024
+    )
+    assert full["hardware_flops_per_step"] == pytest.approx(
+        result["model_flops_per_step"] + core + 24 * b * s * h**2 * layers
+    )
+    assert full["step_seconds"] == pytest.approx(result["step_seconds"])
+    assert full["hfu"] == pytest.approx(0.4 * full["hardware_flops_per_step"] / full["model_flops_per_step"])
 
 
 def test_every_stage_of_one_tp_dp_slice_built_on_the_meta_device_adds_up_to_the_estimate(gpt3_175b):

@@ -34,6 +34,7 @@ def perturbed(model):
 
 
 def hf_gpt2():
+    torch.manual_seed(0)  # transformers initializes from the global generator: the same model in any test order
     config = transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=POSITIONS, bos_token_id=None, eos_token_id=None
     )
@@ -41,6 +42,7 @@ def hf_gpt2():
 
 
 def hf_gpt_neo():
+    torch.manual_seed(0)
     config = transformers.GPTNeoConfig(
         vocab_size=VOCAB, hidden_size=64, num_layers=4, num_heads=4, max_position_embeddings=POSITIONS,
         attention_types=[[["global", "local"], 2]], window_size=WINDOW, bos_token_id=None, eos_token_id=None,
@@ -86,6 +88,16 @@ def test_greedy_generation_agrees_with_transformers_token_for_token(hf_model, tm
         want = model.generate(prompt, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0)
     got = generate(ours, prompt, 30)
     assert got.tolist() == want.tolist()
+    # With an end-of-text token that row 0 produces and row 1 never does: row 0 is padded with it from there on
+    # while row 1 runs to the end, as in transformers with pad_token_id = eos_token_id.
+    new0, new1 = got[0, 6:].tolist(), got[1, 6:].tolist()
+    eos = next(t for t in new0 if t not in new1)
+    first = new0.index(eos)
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    got = generate(ours, prompt, 30, eos_id=eos)
+    assert got.tolist() == want.tolist()
+    assert got.shape[1] == 6 + 30 and (got[0, 6 + first :] == eos).all() and got[1, 6:].tolist() == new1
 
 
 def train_megagpt(tmp_path, *overrides):
@@ -209,6 +221,9 @@ def test_sampling_is_seeded_and_respects_top_k():
     nucleus = next_tokens(logits, False, 1.0, 0, 0.5, torch.Generator().manual_seed(0))
     assert set(nucleus.tolist()) == {4}  # p(4) = 0.64 already covers top_p = 0.5
     assert next_tokens(logits[:1], True, 1.0, 0, 1.0, None).item() == 4
+    # top_k keeps exactly k tokens even when others tie with the k-th (common in bf16 logits).
+    ties = torch.tensor([[2.0, 2.0, 2.0, 0.0]]).repeat(200, 1)
+    assert len(set(next_tokens(ties, False, 1.0, 1, 1.0, torch.Generator().manual_seed(0)).tolist())) == 1
 
 
 def test_gpt2_tokenizer_files_load_in_transformers(tmp_path):

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import builtins
+import sys
+import types
 
 import pytest
+import torch
 
 from megagpt.errors import UserError
-from megagpt.launch import discover_launch, expand_hostlist, first_host
+from megagpt.launch import discover_launch, expand_hostlist, first_host, resolve_device
 
 
 def test_one_process_and_torchrun():
@@ -97,8 +100,40 @@ def test_mpirun_without_mpi4py_or_master_says_what_to_do(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_mpi4py)
-    with pytest.raises(UserError, match="mpi4py .* is not installed: pip install 'megagpt\\[mpi\\]'"):
-        discover_launch({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
+    ranks = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}
+    local = {"OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    with pytest.raises(UserError, match="without MASTER_ADDR / MASTER_PORT, and mpi4py .* is not installed: pip"):
+        discover_launch({**ranks, **local})
+    with pytest.raises(UserError, match="without OMPI_COMM_WORLD_LOCAL_RANK / OMPI_COMM_WORLD_LOCAL_SIZE .* and "
+                       "mpi4py .* is not installed: pip install 'megagpt\\[mpi\\]'"):  # fmt: skip
+        discover_launch({**ranks, "MASTER_ADDR": "n1", "MASTER_PORT": "29400"})
+
+
+def test_mpi_without_local_rank_variables_asks_mpi_which_ranks_share_the_node(monkeypatch):
+    """PMI_RANK / PMI_SIZE alone (an MPI that does not export local ranks): the node's ranks come from MPI's
+    shared-memory split, not from the world (which would make rank 5 of 8 on two nodes ask for GPU 5 of 4)."""
+    node = types.SimpleNamespace(Get_rank=lambda: 1, Get_size=lambda: 4)
+    world = types.SimpleNamespace(Split_type=lambda kind: node if kind == "shared" else None)
+    fake = types.ModuleType("mpi4py")
+    fake.MPI = types.SimpleNamespace(COMM_WORLD=world, COMM_TYPE_SHARED="shared")
+    monkeypatch.setitem(sys.modules, "mpi4py", fake)
+    info = discover_launch({"PMI_RANK": "5", "PMI_SIZE": "8", "MASTER_ADDR": "n1", "MASTER_PORT": "29400"})
+    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (5, 8, 1, 4)
+
+
+def test_each_local_rank_takes_its_gpu_or_the_one_it_was_bound_to(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert resolve_device("auto", 3, 8) == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1: each task sees one
+    assert resolve_device("cuda", 3, 8) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(UserError, match="8 processes on this node but 4 visible GPUs"):
+        resolve_device("auto", 5, 8)
+    assert resolve_device("cpu", 5, 8) == torch.device("cpu")
 
 
 def test_mpirun_inside_a_slurm_allocation_is_mpi():
