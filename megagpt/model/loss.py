@@ -29,17 +29,28 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x) if wants_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if grad_weight_wanted else None
         total = torch.zeros((), dtype=wide, device=x.device)
+        # One logits buffer for every chunk (and an fp32 one for bf16 / fp16): a fresh (chunk, V) tensor per chunk
+        # costs its page faults each time, which on CPU took as long as a third of the chunk's matmul.
+        rows_max = min(chunk_rows, n)
+        buffer = torch.empty((rows_max, weight.shape[0]), dtype=x.dtype, device=x.device)
+        wide_buffer = buffer if x.dtype == wide else torch.empty(buffer.shape, dtype=wide, device=x.device)
         for start in range(0, n, chunk_rows):
             rows = slice(start, min(n, start + chunk_rows))
-            logits = (x[rows] @ weight.t()).to(wide)  # (c, V), softmax in fp32 whatever the compute dtype
-            lse = torch.logsumexp(logits, dim=-1)
+            c = rows.stop - start
+            logits = torch.mm(x[rows], weight.t(), out=buffer[:c])  # (c, V)
+            if logits.dtype != wide:
+                logits = wide_buffer[:c].copy_(logits)  # softmax in fp32 whatever the compute dtype
             label_logits = logits.gather(1, labels[rows].unsqueeze(1)).squeeze(1)
-            total += (lse - label_logits).sum()
-            probs = logits
+            # log-sum-exp in place (torch.logsumexp would allocate a (c, V) temporary): the buffer becomes
+            # exp(logits - max), then, when gradients are wanted, the softmax.
+            row_max = logits.amax(dim=1, keepdim=True)
+            exp_sum = logits.sub_(row_max).exp_().sum(dim=1, keepdim=True)
+            total += (exp_sum.log() + row_max - label_logits.unsqueeze(1)).sum()
             if wants_grad:
-                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # in place: the chunk's logits become its softmax
-                probs.scatter_add_(1, labels[rows].unsqueeze(1), probs.new_full((probs.shape[0], 1), -1.0))
-                probs = probs.to(x.dtype)  # d(sum of losses) / d(logits)
+                probs = logits.div_(exp_sum)
+                probs.scatter_add_(1, labels[rows].unsqueeze(1), probs.new_full((c, 1), -1.0))
+                if probs.dtype != x.dtype:
+                    probs = buffer[:c].copy_(probs)  # d(sum of losses) / d(logits), in the compute dtype
                 torch.matmul(probs, weight, out=grad_x[rows])
                 if grad_weight is None:
                     pass
@@ -47,7 +58,6 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_weight.addmm_(probs.t(), x[rows])  # in place: no (V, h) temporary
                 else:
                     grad_weight.add_(probs.t() @ x[rows])  # bf16 / fp16 products, accumulated in fp32
-            del logits, probs  # before the next chunk's logits exist: one (chunk, V) tensor alive at a time
         ctx.save_for_backward(grad_x, grad_weight)
         ctx.n = n
         ctx.weight_dtype = weight.dtype

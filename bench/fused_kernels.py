@@ -1,7 +1,7 @@
 """megagpt's CUDA softmax and layer norm kernels: achieved GB/s against the device's copy bandwidth and against torch
 eager (and apex's layer norm when it imports), at GPT-3 175B's shapes on one tensor-parallel rank of 8.
 
-    python bench/kernels.py [--dtype bf16] [--reps 50] [--micro-batch 1]
+    python bench/fused_kernels.py [--dtype bf16] [--reps 50] [--micro-batch 1]
 
 Shapes: attention scores (micro-batch, 96 / 8 heads, 2048, 2048), causal (dense layers) and a causal band of 256
 (local layers); layer norm over (micro-batch * 2048, 12288). GB/s counts the bytes a kernel must move at least:
@@ -104,7 +104,7 @@ def main():
     parser.add_argument("--micro-batch", type=int, default=1)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("bench/kernels.py measures CUDA kernels and needs a CUDA device; none is visible.")
+        print("bench/fused_kernels.py measures CUDA kernels and needs a CUDA device; none is visible.")
         return
     dtype = DTYPES[args.dtype]
     copy = copy_bandwidth(args.reps)
