@@ -51,12 +51,11 @@ def megagpt_config(args, device, dtype_name):
     )  # fmt: skip
 
 
-def megagpt_step(args, device, dtype_name):
+def megagpt_step(args, device, cfg):
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
     from megagpt.train.pretrain import build_trainer
 
-    cfg = megagpt_config(args, device, dtype_name)
     data = SyntheticDataset(args.batch * (args.steps + 2) * 2, args.seq, VOCAB, seed=1)
     trainer = build_trainer(cfg, ParallelContext.single_process(device), data, None, None)
 
@@ -143,8 +142,9 @@ def main():
         f"# {what}, {precision}, torch {torch.__version__}; {args.layers} layers, hidden {args.hidden}, "
         f"{args.heads} heads, seq {args.seq}, batch {args.batch}, megagpt attention_pattern {args.pattern}"
     )
+    cfg = megagpt_config(args, device, precision)
     contenders = {
-        "megagpt": megagpt_step(args, device, precision),
+        "megagpt": megagpt_step(args, device, cfg),
         "transformers": hf_step(args, device, dtype),  # torch's default AdamW, as a plain training loop has
         "transformers+fused": hf_step(args, device, dtype, fused_adam=True),  # the stronger peer
     }
@@ -158,7 +158,7 @@ def main():
         peak = matmul_peak(device, dtype)
         from megagpt.estimate import model_flops_per_step  # the formula in the module docstring
 
-        flops = model_flops_per_step(megagpt_config(args, device, precision))
+        flops = model_flops_per_step(cfg)
         print(f"measured matmul peak {peak / 1e12:.0f} TFLOP/s; model FLOPs per step {flops / 1e12:.2f} T")
         for name, seconds in times.items():
             print(f"{name:14s} MFU {flops / seconds / peak:.1%}")

@@ -154,15 +154,21 @@ def _from_mpi(env: dict) -> LaunchInfo:
     return LaunchInfo(rank, world_size, local_rank, local_world_size, "mpi", addr, int(port))
 
 
-def _mpi_rendezvous(rank: int, addr: str | None, port: str | None) -> tuple[str, int]:
-    """Rank 0's address and a free port of its host, sent to every rank over MPI."""
+def _import_mpi(missing_message: str):
+    """mpi4py's MPI module, or a UserError saying what it was needed for and how to install it."""
     try:
         from mpi4py import MPI
     except ImportError:
-        raise UserError(
-            "launched by MPI without MASTER_ADDR / MASTER_PORT, and mpi4py (which would find them) is not "
-            "installed: pip install 'megagpt[mpi]', or export MASTER_ADDR and MASTER_PORT to every rank"
-        ) from None
+        raise UserError(missing_message) from None
+    return MPI
+
+
+def _mpi_rendezvous(rank: int, addr: str | None, port: str | None) -> tuple[str, int]:
+    """Rank 0's address and a free port of its host, sent to every rank over MPI."""
+    MPI = _import_mpi(
+        "launched by MPI without MASTER_ADDR / MASTER_PORT, and mpi4py (which would find them) is not "
+        "installed: pip install 'megagpt[mpi]', or export MASTER_ADDR and MASTER_PORT to every rank"
+    )
     mine = None
     if rank == 0:
         # Rank 0's host name, resolved by each rank (as torchrun does): its own resolution of itself may be a
@@ -173,13 +179,10 @@ def _mpi_rendezvous(rank: int, addr: str | None, port: str | None) -> tuple[str,
 
 def _mpi_node_ranks(missing: tuple[str, ...]) -> tuple[int, int]:
     """(rank on this node, ranks on this node), from the ranks that share this node's memory."""
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise UserError(
-            f"launched by MPI without {' / '.join(missing)} (which ranks share a node), and mpi4py (which would "
-            "find out) is not installed: pip install 'megagpt[mpi]'"
-        ) from None
+    MPI = _import_mpi(
+        f"launched by MPI without {' / '.join(missing)} (which ranks share a node), and mpi4py (which would "
+        "find out) is not installed: pip install 'megagpt[mpi]'"
+    )
     node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
     return node.Get_rank(), node.Get_size()
 
@@ -247,14 +250,15 @@ def _expand_item(item: str) -> list[str]:
 
 def resolve_device(requested: str, local_rank: int, local_world_size: int = 1) -> torch.device:
     """train.device: auto -> cuda:local_rank when a GPU is present, else cpu. Each local rank takes its own GPU;
-    a process that sees a single GPU (the launcher bound one to each task) takes that one."""
+    a process bound to a single GPU by CUDA_VISIBLE_DEVICES (one per task) takes that one."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
         visible = torch.cuda.device_count()
-        if visible == 1:
-            # One GPU per process: the launcher bound each task to its own (srun --gpus-per-task=1 or
-            # --gpu-bind, a per-rank CUDA_VISIBLE_DEVICES), or the node has one GPU.
+        if visible == 1 and "CUDA_VISIBLE_DEVICES" in os.environ:
+            # The launcher bound this task to its own GPU (srun --gpus-per-task=1 or --gpu-bind set
+            # CUDA_VISIBLE_DEVICES per task): it is device 0 here, whatever the local rank. Without that variable,
+            # N processes on a node with one GPU are a mistake, refused below.
             local_rank = 0
         elif local_world_size > visible:
             raise UserError(

@@ -128,7 +128,11 @@ def test_each_local_rank_takes_its_gpu_or_the_one_it_was_bound_to(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert resolve_device("auto", 3, 8) == torch.device("cuda", 3)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1: each task sees one
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(UserError, match="8 processes on this node but 1 visible GPUs"):  # not 8 ranks on one GPU
+        resolve_device("cuda", 3, 8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # srun --gpus-per-task=1: each task sees its own
     assert resolve_device("cuda", 3, 8) == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     with pytest.raises(UserError, match="8 processes on this node but 4 visible GPUs"):
