@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 DEMO_DATA := data/shakespeare
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean gpu-check
 
 setup: $(VENV)/.megagpt-installed
 
@@ -28,6 +28,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The prepared check for a lent GPU (tools/gpu_check.py): at most 8 minutes, report in runs/gpu-check/. It uses the
+# machine's own Python and torch when there is no .venv (GPU machines come with their CUDA torch, often offline).
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/gpu_check.py --out runs/gpu-check
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,7 @@
 """Local (banded) attention against dense causal attention, alone and inside a model step.
 
     python bench/attention.py [--seq 2048] [--window 256] [--heads 12] [--reps 10]
-                              [--layers 4] [--hidden 768] [--vocab 50257] [--model-reps 3]
+                              [--layers 4] [--hidden 768] [--vocab 50257] [--model-reps 3] [--json PATH]
 
 1. Attention alone, forward + backward on (1, heads, seq, 64): every backend that can train on this device for a
    local layer, each against dense causal sdpa (Flash) as the peer. Printed: median times and the ratio.
@@ -15,6 +15,7 @@ alike, and the ratios compare medians.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -105,7 +106,9 @@ def main():
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--model-reps", type=int, default=3, help="0 skips the model step")
     parser.add_argument("--vocab", type=int, default=50257, help="the model's vocabulary (GPT-2's by default)")
+    parser.add_argument("--json", default=None, help="also write the results here (tools/gpu_check.py reads it)")
     args = parser.parse_args()
+    results = {"device": None, "attention": {}, "model": {}}
 
     if torch.cuda.is_available():
         device, dtype = torch.device("cuda"), torch.bfloat16
@@ -114,6 +117,7 @@ def main():
         device, dtype = torch.device("cpu"), torch.float32
         what = f"CPU, {torch.get_num_threads()} threads, fp32"
     print(f"# {what}; seq {args.seq}, head_dim 64, {args.heads} heads, window {args.window}, torch {torch.__version__}")
+    results["device"] = what
 
     # Each local backend is timed against its own interleaved dense runs: an O(s^2) contender's large temporaries
     # would otherwise change the allocator's state, and so the times, of the others.
@@ -124,9 +128,16 @@ def main():
         times = interleaved({"dense": dense, "local": run}, args.reps)
         ratio = times["local"] / times["dense"]
         print(f"{backend:16s} {times['local'] * 1e3:9.1f} {times['dense'] * 1e3:9.1f}   {ratio:.3f}")
+        results["attention"][backend] = {"local_s": times["local"], "dense_s": times["dense"], "over_dense": ratio}
 
-    if not args.model_reps:
-        return
+    if args.model_reps:
+        results["model"] = model_step(args, device, dtype)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def model_step(args, device, dtype) -> dict:
     times = interleaved(model_contenders(args, device, dtype), args.model_reps)
     dense = times["model step [dense]"]
     print(
@@ -135,6 +146,7 @@ def main():
     )
     for name, t in times.items():
         print(f"{name:32s} {t * 1e3:9.1f} ms   {t / dense:6.3f} x all-dense")
+    return {name: {"seconds": t, "over_all_dense": t / dense} for name, t in times.items()}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """megagpt's CUDA softmax and layer norm kernels: achieved GB/s against the device's copy bandwidth and against torch
 eager (and apex's layer norm when it imports), at GPT-3 175B's shapes on one tensor-parallel rank of 8.
 
-    python bench/fused_kernels.py [--dtype bf16] [--reps 50] [--micro-batch 1]
+    python bench/fused_kernels.py [--dtype bf16] [--reps 50] [--micro-batch 1] [--json PATH]
 
 Shapes: attention scores (micro-batch, 96 / 8 heads, 2048, 2048), causal (dense layers) and a causal band of 256
 (local layers); layer norm over (micro-batch * 2048, 12288). GB/s counts the bytes a kernel must move at least:
@@ -13,6 +13,7 @@ per-row statistics are small). Copy bandwidth is a device-to-device tensor copy 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 
 import torch
@@ -102,6 +103,7 @@ def main():
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write the results here (tools/gpu_check.py reads it)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/fused_kernels.py measures CUDA kernels and needs a CUDA device; none is visible.")
@@ -111,10 +113,20 @@ def main():
     print(f"# {torch.cuda.get_device_name()}, {args.dtype}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     print(f"# device copy bandwidth: {copy:.0f} GB/s")
     print(f"\n{'kernel':34s} {'ours GB/s':>10s} {'of copy':>8s} {'vs torch':>9s} {'vs apex':>8s}")
+    results = {"device": torch.cuda.get_device_name(), "dtype": args.dtype, "copy_gb_s": copy, "kernels": {}}
     for name, nbytes, ours, torch_eager, apex_time in softmax_rows(args, dtype) + layer_norm_rows(args, dtype):
         rate = nbytes / ours / 1e9
         vs_apex = f"{apex_time / ours:7.2f}x" if apex_time else "     n/a"
         print(f"{name:34s} {rate:10.0f} {rate / copy:7.0%} {torch_eager / ours:8.2f}x {vs_apex}")
+        results["kernels"][name] = {
+            "gb_s": rate,
+            "of_copy": rate / copy,
+            "speedup_vs_torch": torch_eager / ours,
+            "speedup_vs_apex": apex_time / ours if apex_time else None,
+        }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

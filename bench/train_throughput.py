@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py [--layers 4] [--hidden 768] [--heads 12] [--seq 1024] [--batch 4]
                                      [--steps 5] [--threads N] [--precision fp32|bf16] [--preset gpt3-1.3b]
+                                     [--peers all|none] [--json PATH]
 
 Both train the same GPT-2-shaped decoder (all layers dense, vocabulary 50257, tied embeddings, GELU tanh) with
 AdamW (lr 1e-4, weight decay 0.1, betas 0.9/0.95) on the same random tokens, one optimizer step per batch; steps
@@ -14,12 +15,15 @@ On a GPU (bf16 by default there) it also reports MFU: model FLOPs per second ove
 measured here with a large matmul. Model FLOPs per step follow Narayanan et al. (2021) with the local layers'
 attention counted at their window: 72 B s l h^2 (1 + s_eff / (6 h) + V / (12 l h)), where s_eff is the mean over
 layers of the keys a query sees (s for dense layers, the window for local ones) and 72 = 3 (forward + backward) x
-24. --preset gpt3-1.3b runs GPT-3 XL's shape (24 layers, hidden 2048, seq 2048, [dense, local]).
+24. --preset gpt3-1.3b runs GPT-3 XL as the preset has it (24 layers, hidden 2048, seq 2048, [dense, local], dropout
+0.1 with its production attention path), the transformers peers with the same dropout; --peers none runs megagpt
+alone (MFU only: a 1.3B model three times over does not fit one 80 GB GPU with its optimizer states).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -38,17 +42,19 @@ def megagpt_config(args, device, dtype_name):
     from megagpt.config import config_from_dict
 
     run_dir = tempfile.mkdtemp(prefix="megagpt-bench-")
-    return config_from_dict(
-        {"preset": "tiny-cpu"},
-        [
-            f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}", f"model.num_heads={args.heads}",
-            f"model.seq_length={args.seq}", f"model.vocab_size={VOCAB}", f"model.attention_pattern={args.pattern}",
-            f"model.local_window={args.window}", "model.dropout=0.0", f"train.global_batch_size={args.batch}",
-            f"train.micro_batch_size={args.batch}", f"train.precision={dtype_name}", f"train.device={device.type}",
-            "train.iters=1000000", "optim.lr=1e-4", "optim.warmup_iters=0", "optim.clip_grad=1.0",
-            f"logging.dir={run_dir}", "logging.tensorboard=false",
-        ],
-    )  # fmt: skip
+    run = [
+        f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
+        f"train.precision={dtype_name}", f"train.device={device.type}", "train.iters=1000000", "optim.lr=1e-4",
+        "optim.warmup_iters=0", "optim.clip_grad=1.0", f"logging.dir={run_dir}", "logging.tensorboard=false",
+    ]  # fmt: skip
+    if args.preset:  # the preset's model as it trains, dropout and attention path included
+        return config_from_dict({"preset": args.preset}, [f"model.vocab_size={VOCAB}", *run])
+    shape = [
+        f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}", f"model.num_heads={args.heads}",
+        f"model.seq_length={args.seq}", f"model.vocab_size={VOCAB}", f"model.attention_pattern={args.pattern}",
+        f"model.local_window={args.window}", "model.dropout=0.0",
+    ]  # fmt: skip
+    return config_from_dict({"preset": "tiny-cpu"}, [*shape, *run])
 
 
 def megagpt_step(args, device, cfg):
@@ -65,12 +71,12 @@ def megagpt_step(args, device, cfg):
     return step
 
 
-def hf_step(args, device, dtype, fused_adam: bool = False):
+def hf_step(args, device, dtype, fused_adam: bool = False, dropout: float = 0.0):
     import transformers
 
     config = transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads, n_positions=args.seq,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
     )  # fmt: skip
     model = transformers.GPT2LMHeadModel(config).to(device=device, dtype=dtype).train()
     fused = {"fused": True} if fused_adam else {}
@@ -129,9 +135,9 @@ def main():
     parser.add_argument("--pattern", default="[dense]", help="megagpt's attention_pattern (transformers: all dense)")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--preset", choices=("gpt3-1.3b",), default=None)
+    parser.add_argument("--peers", choices=("all", "none"), default="all", help="none: megagpt alone (MFU only)")
+    parser.add_argument("--json", default=None, help="also write the results here (tools/gpu_check.py reads it)")
     args = parser.parse_args()
-    if args.preset == "gpt3-1.3b":
-        args.layers, args.hidden, args.heads, args.seq, args.pattern = 24, 2048, 16, 2048, "[dense,local]"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,25 +149,36 @@ def main():
         f"{args.heads} heads, seq {args.seq}, batch {args.batch}, megagpt attention_pattern {args.pattern}"
     )
     cfg = megagpt_config(args, device, precision)
-    contenders = {
-        "megagpt": megagpt_step(args, device, cfg),
-        "transformers": hf_step(args, device, dtype),  # torch's default AdamW, as a plain training loop has
-        "transformers+fused": hf_step(args, device, dtype, fused_adam=True),  # the stronger peer
-    }
+    m = cfg.model
+    args.layers, args.hidden, args.heads, args.seq = m.num_layers, m.hidden_size, m.num_heads, m.seq_length
+    contenders = {"megagpt": megagpt_step(args, device, cfg)}
+    if args.peers == "all":
+        # torch's default AdamW, as a plain training loop has it; then its fused kernel, the stronger peer
+        contenders["transformers"] = hf_step(args, device, dtype, dropout=m.dropout)
+        contenders["transformers+fused"] = hf_step(args, device, dtype, fused_adam=True, dropout=m.dropout)
     times = timed_alternating(contenders, args.steps, device)
     tokens = args.batch * args.seq
+    results = {"device": what, "precision": precision, "model": cfg.to_dict()["model"], "batch": args.batch}
+    results["contenders"] = {name: {"seconds": t, "tokens_per_s": tokens / t} for name, t in times.items()}
     for name, seconds in times.items():
         print(f"{name:20s} {seconds * 1e3:9.1f} ms/step {tokens / seconds:10.0f} tokens/s")
     for peer in ("transformers", "transformers+fused"):
-        print(f"megagpt / {peer} tokens/s: {times[peer] / times['megagpt']:.2f}x")
+        if peer in times:
+            print(f"megagpt / {peer} tokens/s: {times[peer] / times['megagpt']:.2f}x")
+            results["contenders"][peer]["megagpt_speedup"] = times[peer] / times["megagpt"]
     if device.type == "cuda":
         peak = matmul_peak(device, dtype)
         from megagpt.estimate import model_flops_per_step  # the formula in the module docstring
 
         flops = model_flops_per_step(cfg)
+        results.update(matmul_peak_flops=peak, model_flops_per_step=flops)
         print(f"measured matmul peak {peak / 1e12:.0f} TFLOP/s; model FLOPs per step {flops / 1e12:.2f} T")
         for name, seconds in times.items():
             print(f"{name:14s} MFU {flops / seconds / peak:.1%}")
+            results["contenders"][name]["mfu"] = flops / seconds / peak
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None):
         setup_logging(launch.rank)
         cfg = load_config(args.config, args.overrides)
         validate(cfg, launch.world_size)
-        device = resolve_device(cfg.train.device, launch.local_rank, launch.local_world_size)
+        device = resolve_device(cfg.train.device, launch.local_rank, launch.local_world_size, launch.source)
         if device.type == "cpu":
             set_cpu_threads(launch.local_world_size)
         topology = Topology(cfg.parallel.tp, data_parallel_size(cfg, launch.world_size), cfg.parallel.pp)

@@ -80,6 +80,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = option(
         "fp32", "compute dtype of the model; the optimizer keeps fp32 main weights and fp32 gradients"
     )
+    allow_tf32: bool = option(
+        True, "fp32 matmuls and convolutions on GPU in TF32 (Ampere or newer), as Megatron and torchtitan do; not CPU"
+    )
     loss_scale: float | None = option(None, "fp16: a fixed loss scale; null means the dynamic scaler below")
     initial_loss_scale: float = option(2.0**32, "fp16: the dynamic loss scale to start from")
     min_loss_scale: float = option(1.0, "fp16: the dynamic loss scale never goes below this")

@@ -82,7 +82,7 @@ def inference_context(device: str = "auto") -> Iterator[ParallelContext]:
 
     launch = discover_launch()
     setup_logging(launch.rank)
-    where = resolve_device(device, launch.local_rank, launch.local_world_size)
+    where = resolve_device(device, launch.local_rank, launch.local_world_size, launch.source)
     if where.type == "cpu":
         set_cpu_threads(launch.local_world_size)
     if launch.world_size == 1:

@@ -248,18 +248,19 @@ def _expand_item(item: str) -> list[str]:
     return [expanded for value in values for expanded in _expand_item(head + value + tail)]
 
 
-def resolve_device(requested: str, local_rank: int, local_world_size: int = 1) -> torch.device:
+def resolve_device(
+    requested: str, local_rank: int, local_world_size: int = 1, source: str = "torchrun", env=None
+) -> torch.device:
     """train.device: auto -> cuda:local_rank when a GPU is present, else cpu. Each local rank takes its own GPU;
-    a process bound to a single GPU by CUDA_VISIBLE_DEVICES (one per task) takes that one."""
+    a task its launcher bound to a GPU of its own (one visible) takes that one. More processes on a node than
+    GPUs for them is refused here, in a sentence, rather than by NCCL's "Duplicate GPU" at the first collective."""
+    env = os.environ if env is None else env
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
         visible = torch.cuda.device_count()
-        if visible == 1 and "CUDA_VISIBLE_DEVICES" in os.environ:
-            # The launcher bound this task to its own GPU (srun --gpus-per-task=1 or --gpu-bind set
-            # CUDA_VISIBLE_DEVICES per task): it is device 0 here, whatever the local rank. Without that variable,
-            # N processes on a node with one GPU are a mistake, refused below.
-            local_rank = 0
+        if visible == 1 and _bound_to_its_own_gpu(source, local_world_size, env):
+            local_rank = 0  # its one visible GPU is device 0, whatever the local rank
         elif local_world_size > visible:
             raise UserError(
                 f"{local_world_size} processes on this node but {visible} visible GPUs; launch at most {visible} "
@@ -268,6 +269,20 @@ def resolve_device(requested: str, local_rank: int, local_world_size: int = 1) -
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _bound_to_its_own_gpu(source: str, local_world_size: int, env) -> bool:
+    """Whether the launcher gave this task a GPU of its own through CUDA_VISIBLE_DEVICES: srun --gpus-per-task=1
+    or --gpu-bind, or an MPI wrapper script, do. torchrun never does, so there N processes that see one GPU all
+    see the same one; so does a Slurm step with fewer GPUs on the node (SLURM_STEP_GPUS) than tasks."""
+    if local_world_size == 1:
+        return True
+    if "CUDA_VISIBLE_DEVICES" not in env or source not in ("slurm", "mpi"):
+        return False
+    step_gpus = env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS")
+    if source == "slurm" and step_gpus:
+        return len(step_gpus.split(",")) >= local_world_size
+    return True
 
 
 def set_cpu_threads(local_world_size: int) -> None:

@@ -1,8 +1,10 @@
 """Just-in-time builds of our C++/CUDA extensions that never hang and never half-load.
 
 A build goes into its own folder, named after a key of everything that can change the binary: the sources'
-contents, the flags, torch's version, its CUDA version and the Python version. So a new torch, a new CUDA or an
-edited kernel gets a new folder, and two builds never share one.
+contents, the flags, torch's version, its CUDA version, the Python version and, for CUDA, the GPU architectures
+compiled for (TORCH_CUDA_ARCH_LIST, else the visible GPUs', pinned for the compiler). So a new torch, a new CUDA,
+an edited kernel or another GPU generation (an H100 build on an A100 node) gets a new folder, and two builds
+never share one.
 
     cache root/                  $MEGAGPT_KERNEL_CACHE, else ~/.cache/megagpt/kernels
       NAME-KEY.lock              flock'ed by the one process building; holds its pid and host
@@ -11,10 +13,12 @@ edited kernel gets a new folder, and two builds never share one.
         BUILD_OK                 written last, after the module imported: the folder is complete
 
 One process builds while the others wait on the lock, each for at most the build timeout; a lock whose holder
-died is free again (flock). A folder without BUILD_OK is a build that was killed or failed: it is deleted and
-built again. The compiler runs in a child process of its own session, killed with its whole process group when
-it runs past the timeout, so a hung compiler (or torch's own lock file left behind by a killed build) cannot hang
-training. The first build's time is logged.
+died is free again (flock). On a file system without flock (Lustre mounted without it) each process builds into
+a private folder and renames it into place; the first rename wins and the others use it. A folder without
+BUILD_OK is a build that was killed or failed: it is deleted and built again. The compiler runs in a child
+process of its own session, killed with its whole process group when it runs past the timeout, so a hung
+compiler (or torch's own lock file left behind by a killed build) cannot hang training. The first build's time
+is logged.
 
     python -m megagpt.kernels.build SPEC_JSON    # the child: builds one extension into its folder
 """
@@ -72,6 +76,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("MEGAGPT_KERNEL_CACHE") or Path.home() / ".cache" / "megagpt" / "kernels")
 
 
+def cuda_arch_list() -> str:
+    """The GPU architectures a CUDA build compiles for, as TORCH_CUDA_ARCH_LIST spells them ("8.0;9.0"): that
+    variable if set, else the capabilities of the visible GPUs (what torch.utils.cpp_extension would pick)."""
+    chosen = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if chosen:
+        return chosen
+    if not torch.cuda.is_available():
+        return ""
+    capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" for major, minor in capabilities)
+
+
 def build_key(spec: ExtensionSpec) -> str:
     """A hash of everything that changes the binary."""
     h = hashlib.sha256()
@@ -82,6 +98,8 @@ def build_key(spec: ExtensionSpec) -> str:
         h.update(header.read_bytes())
     h.update(json.dumps(asdict(spec), sort_keys=True).encode())
     h.update(f"torch {torch.__version__} cuda {torch.version.cuda} py {sys.version_info[:2]}".encode())
+    if spec.cuda:
+        h.update(f"arch {cuda_arch_list()}".encode())
     return h.hexdigest()[:16]
 
 
@@ -100,24 +118,48 @@ def load_extension(spec: ExtensionSpec, timeout_s: float | None = None):
     if (folder / _COMPLETE).exists():
         return _import(spec.name, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(folder.with_suffix(".lock"), timeout_s, spec.name):
+    with _exclusive_lock(folder.with_suffix(".lock"), timeout_s, spec.name) as locked:
         if (folder / _COMPLETE).exists():  # another process built it while we waited
             return _import(spec.name, folder)
+        if not locked:
+            return _build_unlocked(spec, folder, timeout_s)
         if folder.exists():
             get_logger().info(f"kernel build {folder} is incomplete (a killed or failed build): building it again")
             shutil.rmtree(folder)
-        folder.mkdir()
-        start = time.monotonic()
-        _build_in_child(spec, folder, timeout_s)
-        module = _import(spec.name, folder)
-        seconds = time.monotonic() - start
-        (folder / _COMPLETE).write_text(json.dumps({"seconds": round(seconds, 1), "host": socket.gethostname()}))
-        get_logger().info(f"built kernel extension {spec.name} in {seconds:.0f}s into {folder}")
-        return module
+        _build(spec, folder, timeout_s)
+        return _import(spec.name, folder)
+
+
+def _build(spec: ExtensionSpec, folder: Path, timeout_s: float) -> None:
+    """Compile into folder, check the module imports, then mark the folder complete."""
+    folder.mkdir()
+    start = time.monotonic()
+    _build_in_child(spec, folder, timeout_s)
+    _import(spec.name, folder)
+    seconds = time.monotonic() - start
+    (folder / _COMPLETE).write_text(json.dumps({"seconds": round(seconds, 1), "host": socket.gethostname()}))
+    get_logger().info(f"built kernel extension {spec.name} in {seconds:.0f}s into {folder}")
+
+
+def _build_unlocked(spec: ExtensionSpec, folder: Path, timeout_s: float):
+    """Without a lock: build into a folder of this process's own, then rename it into place (atomic); when
+    another process's rename came first, use that one."""
+    private = folder.with_name(f"{folder.name}.{socket.gethostname()}.{os.getpid()}")
+    shutil.rmtree(private, ignore_errors=True)
+    _build(spec, private, timeout_s)
+    try:
+        private.rename(folder)
+    except OSError:  # the folder exists: a complete build won the race, or a killed one left it behind
+        if not (folder / _COMPLETE).exists():
+            get_logger().info(f"kernel build {folder} is incomplete and unlocked; using {private}")
+            return _import(spec.name, private)
+        shutil.rmtree(private, ignore_errors=True)
+    return _import(spec.name, folder)
 
 
 @contextlib.contextmanager
 def _exclusive_lock(path: Path, timeout_s: float, name: str):
+    """Hold an flock on path (yields True), or yield False when the file system has no locks."""
     with open(path, "a+") as f:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -134,12 +176,20 @@ def _exclusive_lock(path: Path, timeout_s: float, name: str):
                         f"MEGAGPT_KERNEL_BUILD_TIMEOUT_S higher"
                     ) from None
                 time.sleep(0.1)
+            except OSError as e:  # ENOLCK, EOPNOTSUPP, ...: Lustre or NFS mounted without locks
+                get_logger().warning(
+                    f"cannot lock {path} ({e.strerror or e}): the file system has no file locks, so each process "
+                    f"builds kernel extension {name} on its own; set MEGAGPT_KERNEL_CACHE to a local disk to build "
+                    f"it once"
+                )
+                yield False
+                return
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}")
         f.flush()
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -148,6 +198,8 @@ def _build_in_child(spec: ExtensionSpec, folder: Path, timeout_s: float) -> None
     log_path = folder / "build.log"
     env = {**os.environ, **dict(spec.env)}
     env["PATH"] = os.pathsep.join([*_ninja_dirs(), env.get("PATH", "")])
+    if spec.cuda and cuda_arch_list():
+        env["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()  # build exactly what the key says
     with open(log_path, "w") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "megagpt.kernels.build", json.dumps({**asdict(spec), "folder": str(folder)})],

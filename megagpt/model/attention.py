@@ -18,6 +18,7 @@ else blocked. A backend asked for by name that cannot serve the call raises Atte
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -117,7 +118,8 @@ def _flex(q, k, v, window, dropout_p):
     s = q.shape[-2]
     block_mask = _flex_block_mask(s, window, str(q.device))
     if q.is_cuda:
-        return _compiled_flex()(q, k, v, block_mask=block_mask)
+        with _recompile_budget(FLEX_RECOMPILE_LIMIT):
+            return _compiled_flex()(q, k, v, block_mask=block_mask)
     # On CPU only inference gets here (cannot_serve), and flex refuses inputs that require grad even under
     # no_grad; eager flex also warns that it is unfused, which is all CPU has.
     with warnings.catch_warnings():
@@ -135,6 +137,21 @@ def _flex_module():
     except ImportError:
         return None
     return flex
+
+
+# Compiled with static shapes, flex compiles once per (shape, dtype, window, grad mode): one model needs a few,
+# but evaluation, generation's growing prompts and the tests' grids pass torch.compile's default of 8, after
+# which torch silently runs flex unfused (slow, O(s^2) memory).
+FLEX_RECOMPILE_LIMIT = 64
+
+
+@contextlib.contextmanager
+def _recompile_budget(limit: int):
+    """Raise torch.compile's per-function recompile limit to at least `limit` while the block runs."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    with config.patch(**{name: max(limit, getattr(config, name))}):
+        yield
 
 
 @functools.cache

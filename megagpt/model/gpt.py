@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from megagpt.config import ModelConfig, max_positions, padded_vocab_size
 from megagpt.kernels import LayerNorm
-from megagpt.model.attention import causal_attention
+from megagpt.model.attention import causal_attention, pick_backend
 from megagpt.model.loss import linear_cross_entropy
 from megagpt.parallel.comm import copy_to_group, gather_from_group, gather_from_sequence
 from megagpt.parallel.context import Group
@@ -93,9 +93,16 @@ class SelfAttention(nn.Module):
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout_p = self.dropout if self.training else 0.0
+        backend = self.backend
+        if backend == "auto":
+            # Pick as training does, with the configured dropout, in evaluation too: with dropout training runs
+            # local layers blocked, and switching them to compiled Flex for evaluation would bring the first
+            # compile (and its need for Triton and a C compiler on the compute nodes) hours into the run.
+            window = self.window if self.window is not None and self.window < q.shape[-2] else None
+            backend = pick_backend(q, k, v, window=window, dropout_p=self.dropout)
         with self.split_rng():
             return causal_attention(
-                q, k, v, window=self.window, dropout_p=dropout_p, backend=self.backend, fused_kernels=self.fused_kernels
+                q, k, v, window=self.window, dropout_p=dropout_p, backend=backend, fused_kernels=self.fused_kernels
             )
 
 
@@ -137,9 +144,11 @@ class Block(nn.Module):
 @contextlib.contextmanager
 def seeded(base_seed: int, part: int):
     """Draw a part's initial weights from its own seed, so a pipeline stage that builds only some parts gets
-    exactly the weights the whole model has there. The global RNG is left as it was."""
+    exactly the weights the whole model has there. Weights are drawn on the CPU, so only the CPU generator is
+    seeded (torch.manual_seed would reseed every GPU's too, which fork_rng(devices=[]) does not restore), and
+    it is left as it was."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(base_seed + part)
+        torch.default_generator.manual_seed(base_seed + part)
         yield
 
 

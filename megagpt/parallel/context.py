@@ -45,6 +45,13 @@ class ParallelContext:
     embedding_group: Group  # first and last pipeline stage: the two holders of the tied token embedding
     world_group: Group
     device: torch.device
+    # The world over gloo, for small agreements on CPU tensors (the stop flags each step) that must not wait for
+    # the GPU's queue; on CPU runs the world group itself.
+    host_group: Group | None = None
+
+    @property
+    def host(self) -> Group:
+        return self.host_group if self.host_group is not None else self.world_group
 
     @property
     def is_logging_rank(self) -> bool:
@@ -96,7 +103,15 @@ class ParallelContext:
         """
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, rank=rank, world_size=topology.world_size, timeout=timeout)
+            # device_id binds the NCCL communicator to this rank's GPU now, not at its first collective.
+            device_id = None
+            if device.type == "cuda":
+                device_id = torch.device(
+                    "cuda", device.index if device.index is not None else torch.cuda.current_device()
+                )
+            dist.init_process_group(
+                backend, rank=rank, world_size=topology.world_size, timeout=timeout, device_id=device_id
+            )
         if dist.get_world_size() != topology.world_size:
             raise ValueError(f"the process group has {dist.get_world_size()} ranks, the layout {topology.world_size}")
 
@@ -113,4 +128,7 @@ class ParallelContext:
         pp = my_group(topology.pp_groups())
         embedding = my_group(topology.embedding_groups())
         world = Group(tuple(range(topology.world_size)), rank, dist.group.WORLD)
-        return ParallelContext(topology, rank, tp, dp, pp, embedding, world, torch.device(device))
+        host = world
+        if dist.get_backend() != "gloo" and world.size > 1:
+            host = Group(world.ranks, rank, dist.new_group(list(world.ranks), timeout=timeout, backend="gloo"))
+        return ParallelContext(topology, rank, tp, dp, pp, embedding, world, torch.device(device), host)

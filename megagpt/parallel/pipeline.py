@@ -5,13 +5,15 @@ being virtual stage v = c * pp + r (Megatron's interleaving): with pp=2, vpp=2 a
 layers 0-1 and 4-5, rank 1 holds 2-3 and 6-7. The embedding sits on virtual stage 0, the final LayerNorm,
 output layer and loss on the last one.
 
-A schedule is a plain list of actions for one rank, F(chunk, micro_batch) and B(chunk, micro_batch), built
-below as warm-up, steady state and cool-down; the tests read these lists without any process. The executor
-runs a list: before an F it receives the activation from the previous virtual stage, after it sends its
-output on; a B receives the output's gradient from the next stage and sends the input's gradient back.
-Sends are posted asynchronously and waited for at the end of the step, receives are waited for at once, so
-any order that respects the data dependencies runs without deadlock. Every wait has a timeout and a failure
-names the stage, the operation and the peer.
+A schedule is a list of steps for one rank, each of actions F(chunk, micro_batch) and B(chunk, micro_batch),
+in warm-up, steady state and cool-down: for 1F1B every action is a step; for the interleaved schedule a
+steady-state step is one forward and one backward. The tests read these lists without any process.
+
+The executor runs the steps: an F needs the activation of the previous virtual stage and sends its output on; a
+B needs the output's gradient from the next stage and sends the input's gradient back. After each step the rank
+makes one batched exchange with its neighbours, sending what the step produced and receiving what the next step
+needs (Megatron's discipline), which completes under NCCL's rules as under gloo's
+(tests/unit/test_pipeline_nccl.py). A failure names the stage, the transfers and the peers.
 """
 
 from __future__ import annotations
@@ -60,26 +62,29 @@ class Action:
         return f"{self.kind}{self.chunk}.{self.micro_batch}"
 
 
-def _merge(forwards: list[Action], backwards: list[Action], warmup: int) -> list[Action]:
-    """warm-up forwards, then one forward and one backward at a time, then the remaining backwards."""
+def _phases(forwards: list[Action], backwards: list[Action], warmup: int) -> list[list[Action]]:
+    """The schedule as steps: each warm-up forward alone (filling the pipeline), then steady-state steps of one
+    forward and one backward (1F1B), then each remaining backward alone (draining it)."""
     steady = len(forwards) - warmup
-    order = forwards[:warmup]  # warm-up: fill the pipeline
-    for i in range(steady):  # steady state: 1F1B
-        order += [forwards[warmup + i], backwards[i]]
-    order += backwards[steady:]  # cool-down: drain it
-    return order
+    steps = [[f] for f in forwards[:warmup]]
+    steps += [[forwards[warmup + i], backwards[i]] for i in range(steady)]
+    steps += [[b] for b in backwards[steady:]]
+    return steps
 
 
-def one_f_one_b(pp: int, pp_rank: int, num_micro_batches: int) -> list[Action]:
+def one_f_one_b_steps(pp: int, pp_rank: int, num_micro_batches: int) -> list[list[Action]]:
     """1F1B: stage r runs pp - r - 1 warm-up forwards, so it holds at most pp - r micro-batches' activations.
-    With pp=1 this is plain gradient accumulation: F0 B0 F1 B1 ..."""
+    With pp=1 this is plain gradient accumulation: F0 B0 F1 B1 ...
+    Each action is a step of its own (Megatron's 1F1B exchanges after every forward and every backward): were
+    a steady-state forward and backward one step, the gradient for the backward would have to arrive before
+    the forward could start, and the stages would take turns instead of overlapping."""
     warmup = min(pp - pp_rank - 1, num_micro_batches)
     forwards = [Action("F", 0, m) for m in range(num_micro_batches)]
     backwards = [Action("B", 0, m) for m in range(num_micro_batches)]
-    return _merge(forwards, backwards, warmup)
+    return [[action] for step in _phases(forwards, backwards, warmup) for action in step]
 
 
-def interleaved_one_f_one_b(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -> list[Action]:
+def interleaved_steps(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -> list[list[Action]]:
     """Interleaved 1F1B (Megatron's virtual pipeline): micro-batches go through the chunks in groups of pp, so
     the bubble shrinks by vpp; num_micro_batches must be a multiple of pp."""
     total = num_micro_batches * vpp
@@ -90,13 +95,21 @@ def interleaved_one_f_one_b(pp: int, vpp: int, pp_rank: int, num_micro_batches: 
     forwards = [Action("F", (k // pp) % vpp, micro_batch(k)) for k in range(total)]
     backwards = [Action("B", vpp - 1 - (k // pp) % vpp, micro_batch(k)) for k in range(total)]
     warmup = min((pp - pp_rank - 1) * 2 + (vpp - 1) * pp, total)
-    return _merge(forwards, backwards, warmup)
+    return _phases(forwards, backwards, warmup)
+
+
+def schedule_steps(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -> list[list[Action]]:
+    """One rank's training schedule as steps; after each step the rank exchanges tensors with its neighbours
+    once (the executor's rhythm, Megatron's too): each action for 1F1B, each warm-up forward, steady-state
+    forward + backward and cool-down backward for the interleaved schedule."""
+    if vpp == 1:
+        return one_f_one_b_steps(pp, pp_rank, num_micro_batches)
+    return interleaved_steps(pp, vpp, pp_rank, num_micro_batches)
 
 
 def schedule(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -> list[Action]:
-    if vpp == 1:
-        return one_f_one_b(pp, pp_rank, num_micro_batches)
-    return interleaved_one_f_one_b(pp, vpp, pp_rank, num_micro_batches)
+    """One rank's training schedule as a flat list of actions."""
+    return [action for step in schedule_steps(pp, vpp, pp_rank, num_micro_batches) for action in step]
 
 
 def max_alive_promised(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -> int:
@@ -104,6 +117,52 @@ def max_alive_promised(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) 
     if vpp == 1:
         return min(pp - pp_rank, num_micro_batches)
     return min((pp - pp_rank - 1) * 2 + (vpp - 1) * pp + 1, num_micro_batches * vpp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transfers: what each step sends and receives
+
+
+def forward_steps(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -> list[list[Action]]:
+    """Evaluation's schedule: the training schedule's forwards in their order, one per step (for vpp > 1,
+    groups of pp micro-batches pass through chunk 0, then chunk 1, ...), so every stage keeps busy."""
+    return [[a] for a in schedule(pp, vpp, pp_rank, num_micro_batches) if a.kind == "F"]
+
+
+@dataclass(frozen=True, order=True)
+class Transfer:
+    """One tensor between neighbouring virtual stages: the activation ("F") a stage receives for its forward of a
+    micro-batch, or the gradient ("B") it receives for its backward. Sender and receiver name it alike."""
+
+    kind: str
+    stage: int  # the virtual stage that receives it
+    micro_batch: int
+
+    def describe(self) -> str:
+        what = "activation" if self.kind == "F" else "gradient"
+        return f"the {what} of micro-batch {self.micro_batch}"
+
+
+def step_exchange(
+    step: list[Action], next_step: list[Action] | None, pp: int, vpp: int, pp_rank: int
+) -> tuple[list[Transfer], list[Transfer]]:
+    """(what this rank sends after `step`, what it receives for `next_step`), each in one canonical order.
+
+    NCCL matches a pair of ranks' sends and receives by posting order, ignoring tags, so both ends list the
+    transfers between them sorted the same way (with pp=2 activations and gradients share a pair of ranks)."""
+    last = pp * vpp - 1
+    sends, recvs = [], []
+    for action in step:
+        stage = virtual_stage(pp, pp_rank, action.chunk)
+        if action.kind == "F" and stage < last:
+            sends.append(Transfer("F", stage + 1, action.micro_batch))
+        if action.kind == "B" and stage > 0:
+            sends.append(Transfer("B", stage - 1, action.micro_batch))
+    for action in next_step or []:
+        stage = virtual_stage(pp, pp_rank, action.chunk)
+        if (action.kind == "F" and stage > 0) or (action.kind == "B" and stage < last):
+            recvs.append(Transfer(action.kind, stage, action.micro_batch))
+    return sorted(sends), sorted(recvs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,15 +174,49 @@ class StepRecord:
     """What one run of a schedule did on this rank (for the trainer's loss and for tests)."""
 
     losses: list[torch.Tensor] = field(default_factory=list)  # per micro-batch, last stage only
-    # (action, start, end) of each forward/backward computation, wall-clock seconds (time.time)
-    events: list[tuple[Action, float, float]] = field(default_factory=list)
     max_alive: int = 0  # most micro-batches whose activations were held at once
-    max_in_flight: int = 0  # most sent tensors not yet delivered at once
-    busy_s: float = 0.0  # seconds spent computing forwards and backwards (the rest of a step is waiting)
+    exchanges: int = 0  # batched send/receive groups posted
+    _marks: list = field(default_factory=list)  # (action, start mark, end mark) from the clock
+    _clock: object = None
+
+    @property
+    def events(self) -> list[tuple[Action, float, float]]:
+        """(action, start, end) of each forward/backward computation in seconds on one timeline (wall-clock on
+        CPU; on GPU CUDA events placed on it, read here, which waits for the step's kernels)."""
+        return [(action, *self._clock.seconds(start, end)) for action, start, end in self._marks]
 
     @property
     def order(self) -> list[Action]:
-        return [action for action, _, _ in self.events]
+        return [action for action, _, _ in self._marks]
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds spent computing forwards and backwards (the rest of a step is waiting)."""
+        return sum(end - start for _, start, end in self.events)
+
+
+class _Clock:
+    """Marks the start and end of computations. On CUDA time.time() would measure kernel launches, not kernels,
+    so marks are CUDA events there, converted to seconds only when someone reads them."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.origin_s = time.time()
+            self.origin = self.mark()
+
+    def mark(self):
+        if not self.cuda:
+            return time.time()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> tuple[float, float]:
+        if not self.cuda:
+            return start, end
+        end.synchronize()
+        return tuple(self.origin_s + self.origin.elapsed_time(event) / 1e3 for event in (start, end))
 
 
 class PipelineExecutor:
@@ -131,7 +224,18 @@ class PipelineExecutor:
 
     chunks[c] is this rank's model chunk c; pp_ranks are the global ranks of the pipeline group, in stage order;
     hidden_shape is the activation shape passed between stages, (micro_batch, s or s/tp, h), in the model's
-    dtype (train.precision); gradients travel back in the same shape and dtype.
+    dtype (train.precision); gradients travel back in the same shape and dtype. post(sends, recvs) posts one
+    batched exchange of (tensor, peer, tag) and returns its work handles: one per operation (gloo) or one for the
+    whole batch (NCCL); comm.batch_send_recv when None, a model of a backend in tests.
+
+    Communication follows Megatron's schedules: after each step (schedule_steps) one batched exchange carries the
+    step's outputs and the next step's inputs, and is waited for before the next step computes. Every rank's
+    exchanges with a neighbour pair up one to one with the neighbour's, in the same order, so the schedule
+    completes under NCCL's rules (per-pair matching in posting order, one stream per rank, a large send waiting
+    for its receive) as well as under gloo's; tests/unit/test_pipeline_nccl.py replays it against those rules.
+    A failure names the stage, the transfer and the peer. On CPU each wait has parallel.timeout_s; on CUDA a
+    wait only orders the streams (a timeout there would spin the CPU until the transfer ends), and the process
+    group's timeout, parallel.timeout_s, with NCCL's watchdog ends a hung transfer.
     """
 
     def __init__(
@@ -143,6 +247,7 @@ class PipelineExecutor:
         device: torch.device,
         timeout: datetime.timedelta,
         dtype: torch.dtype = torch.float32,
+        post=None,
     ):
         self.chunks = chunks
         self.pp = len(pp_ranks)
@@ -153,29 +258,23 @@ class PipelineExecutor:
         self.dtype = dtype
         self.device = device
         self.timeout = timeout
+        self.post = post
         self.last_stage = self.pp * self.vpp - 1
 
-    # where a chunk's input comes from and its output goes: (global rank, chunk there)
-    def _prev(self, chunk: int) -> tuple[int, int]:
-        if self.pp_rank > 0:
-            return self.pp_ranks[self.pp_rank - 1], chunk
-        return self.pp_ranks[-1], chunk - 1
+    def _rank_of_stage(self, stage: int) -> int:
+        return self.pp_ranks[stage % self.pp]
 
-    def _next(self, chunk: int) -> tuple[int, int]:
-        if self.pp_rank < self.pp - 1:
-            return self.pp_ranks[self.pp_rank + 1], chunk
-        return self.pp_ranks[0], chunk + 1
+    def _peer(self, transfer: Transfer, sending: bool) -> int:
+        """The other end of a transfer: an activation flows from stage - 1 to stage, a gradient from stage + 1."""
+        source = transfer.stage - 1 if transfer.kind == "F" else transfer.stage + 1
+        return self._rank_of_stage(transfer.stage if sending else source)
 
-    def _tag(self, kind: str, stage: int, micro_batch: int) -> int:
-        # Unique per message, so gloo matches each receive to its send whatever else is in flight.
-        return (micro_batch * (self.pp * self.vpp) + stage) * 2 + (kind == "B")
+    def _tag(self, transfer: Transfer) -> int:
+        # Unique per message: gloo matches by tag; NCCL ignores tags and relies on the canonical order.
+        return (transfer.micro_batch * (self.pp * self.vpp) + transfer.stage) * 2 + (transfer.kind == "B")
 
     def _stage(self, chunk: int) -> int:
         return virtual_stage(self.pp, self.pp_rank, chunk)
-
-    def _receives(self, action: Action) -> bool:
-        stage = self._stage(action.chunk)
-        return stage > 0 if action.kind == "F" else stage < self.last_stage
 
     @contextlib.contextmanager
     def _named(self, what: str):
@@ -194,110 +293,83 @@ class PipelineExecutor:
                 f"{me} failed {what}: {reason}; a peer process died or disagrees on the layout"
             ) from None
 
-    def _send(self, tensor: torch.Tensor, peer: int, tag: int, what: str, pair_with_next_receive: bool) -> None:
-        """Post a send now, or, when this rank's next action receives, post it together with that receive (the
-        pairing that keeps backends without tags, like NCCL, from deadlocking)."""
+    def _exchange(self, sends: dict[Transfer, torch.Tensor], recvs: list[Transfer]) -> dict[Transfer, torch.Tensor]:
+        """Post the sends and receives as one batch, wait for all of it, return the received tensors."""
+        if not sends and not recvs:
+            return {}
+        buffers = {t: torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device) for t in recvs}
+        parts = [f"sending {t.describe()} to rank {self._peer(t, True)}" for t in sends]
+        parts += [f"receiving {t.describe()} from rank {self._peer(t, False)}" for t in recvs]
+        what = ", ".join(parts)
+        with self._named(what):
+            works = (self.post or batch_send_recv)(
+                [(tensor, self._peer(t, True), self._tag(t)) for t, tensor in sends.items()],
+                [(buffers[t], self._peer(t, False), self._tag(t)) for t in recvs],
+            )
+            for work in works:  # one per operation (gloo) or one for the batch (NCCL)
+                if self.device.type == "cuda":
+                    work.wait()
+                else:
+                    work.wait(self.timeout)
+        self._record.exchanges += 1
+        return buffers
+
+    def _outgoing(self, tensor: torch.Tensor, transfer: Transfer) -> torch.Tensor:
         if tensor.dtype != self.dtype or tuple(tensor.shape) != self.hidden_shape:
             raise PipelineError(
-                f"pipeline stage {self.pp_rank} would send {what} of {tuple(tensor.shape)} {tensor.dtype}, but stages "
-                f"exchange {self.hidden_shape} {self.dtype}"
+                f"pipeline stage {self.pp_rank} would send {transfer.describe()} of {tuple(tensor.shape)} "
+                f"{tensor.dtype}, but stages exchange {self.hidden_shape} {self.dtype}"
             )
-        self._sends.append((tensor.contiguous(), peer, tag))
-        if not pair_with_next_receive:
-            self._post([], f"sending {what} to rank {peer}")
-
-    def _post(self, recvs: list, what: str) -> list:
-        with self._named(what):
-            works = batch_send_recv(self._sends, recvs)
-        num_sends = len(self._sends)
-        for work, (tensor, _, tag) in zip(works, self._sends):
-            self._in_flight[tag] = (work, tensor)
-        self._sends = []
-        self._record.max_in_flight = max(self._record.max_in_flight, len(self._in_flight))
-        return works[num_sends:]
-
-    def _delivered(self, tag: int) -> None:
-        """A send known to have reached its peer: complete it and free its tensor."""
-        if tag in self._in_flight:
-            work, _ = self._in_flight.pop(tag)
-            with self._named("completing a delivered send"):
-                work.wait(self.timeout)
-
-    def _limit_in_flight(self, limit: int) -> None:
-        """Wait for the oldest gradient sends while more than `limit` are in flight. Each channel is FIFO, so the
-        oldest is the next its peer receives, and the peer needs nothing more from this rank to get there."""
-        gradient_tags = [tag for tag in self._in_flight if tag % 2 == 1]
-        for tag in gradient_tags[: max(0, len(gradient_tags) - limit)]:
-            self._delivered(tag)
-
-    def _recv(self, peer: int, tag: int, what: str) -> torch.Tensor:
-        buffer = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
-        what = f"receiving {what} from rank {peer}"
-        (work,) = self._post([(buffer, peer, tag)], what)
-        with self._named(what):
-            work.wait(self.timeout)
-        return buffer
+        return tensor.contiguous()
 
     def run(self, micro_batches: list[torch.Tensor], forward, *, backward: bool, loss_scale: float = 1.0) -> StepRecord:
         """Run one step's schedule. micro_batches: this dp rank's token tensors (mbs, s + 1).
         forward(chunk_module, x, labels) -> the chunk's output (the mean loss on the last stage).
-        Without backward (evaluation) every micro-batch only flows forward. loss_scale multiplies the loss
-        before backward (fp16 loss scaling); the recorded losses are not scaled."""
+        Without backward (evaluation) micro-batches only flow forward, in the training schedule's forward order.
+        loss_scale multiplies the loss before backward (fp16 loss scaling); the recorded losses are not scaled."""
         num = len(micro_batches)
-        if backward:
-            actions = schedule(self.pp, self.vpp, self.pp_rank, num)
-        else:
-            actions = [Action("F", c, m) for m in range(num) for c in range(self.vpp)]
-        record = self._record = StepRecord()
-        self._sends, self._in_flight = [], {}  # in flight: tag -> (work, tensor), oldest first
+        steps = (schedule_steps if backward else forward_steps)(self.pp, self.vpp, self.pp_rank, num)
+        clock = _Clock(self.device)
+        record = self._record = StepRecord(_clock=clock)
         saved: dict[tuple[int, int], tuple] = {}  # activations of micro-batches awaiting their backward
-        for i, action in enumerate(actions):
-            chunk, m = action.chunk, action.micro_batch
-            stage = self._stage(chunk)
-            next_receives = i + 1 < len(actions) and self._receives(actions[i + 1])
-            if action.kind == "F":
-                if stage == 0:
-                    x = micro_batches[m][:, :-1]
+
+        def exchange(step, next_step):
+            sends, recvs = step_exchange(step, next_step, self.pp, self.vpp, self.pp_rank)
+            return self._exchange({t: self._outgoing(outputs.pop(t), t) for t in sends}, recvs)
+
+        outputs: dict[Transfer, torch.Tensor] = {}
+        received = exchange([], steps[0])
+        for i, step in enumerate(steps):
+            for action in step:
+                chunk, m = action.chunk, action.micro_batch
+                stage = self._stage(chunk)
+                if action.kind == "F":
+                    if stage == 0:
+                        x = micro_batches[m][:, :-1]
+                    else:
+                        x = received.pop(Transfer("F", stage, m)).requires_grad_(backward)
+                    labels = micro_batches[m][:, 1:] if stage == self.last_stage else None
+                    start = clock.mark()
+                    with torch.set_grad_enabled(backward):
+                        y = forward(self.chunks[chunk], x, labels)
+                    record._marks.append((action, start, clock.mark()))
+                    if stage == self.last_stage:
+                        record.losses.append(y.detach())
+                    else:
+                        outputs[Transfer("F", stage + 1, m)] = y.detach()
+                    if backward:
+                        saved[(chunk, m)] = (x, y)
+                        record.max_alive = max(record.max_alive, len(saved))
                 else:
-                    peer, _ = self._prev(chunk)
-                    x = self._recv(peer, self._tag("F", stage, m), f"the activation of micro-batch {m}")
-                    x.requires_grad_(backward)
-                labels = micro_batches[m][:, 1:] if stage == self.last_stage else None
-                started = time.time()
-                with torch.set_grad_enabled(backward):
-                    y = forward(self.chunks[chunk], x, labels)
-                record.events.append((action, started, time.time()))
-                if stage == self.last_stage:
-                    record.losses.append(y.detach())
-                else:
-                    peer, _ = self._next(chunk)
-                    what = f"the activation of micro-batch {m}"
-                    self._send(y.detach(), peer, self._tag("F", stage + 1, m), what, next_receives)
-                if backward:
-                    saved[(chunk, m)] = (x, y)
-                    record.max_alive = max(record.max_alive, len(saved))
-            else:
-                x, y = saved.pop((chunk, m))
-                if stage == self.last_stage:
-                    started = time.time()
-                    # Each micro-batch's mean loss weighs 1 / num.
-                    torch.autograd.backward(y * loss_scale / num)
-                else:
-                    peer, _ = self._next(chunk)
-                    grad = self._recv(peer, self._tag("B", stage, m), f"the gradient of micro-batch {m}")
-                    # The next stage sent this gradient after using our activation: that send is delivered.
-                    self._delivered(self._tag("F", stage + 1, m))
-                    started = time.time()
-                    torch.autograd.backward(y, grad)
-                record.events.append((action, started, time.time()))
-                if stage > 0:
-                    peer, _ = self._prev(chunk)
-                    what = f"the gradient of micro-batch {m}"
-                    self._send(x.grad, peer, self._tag("B", stage - 1, m), what, next_receives)
-                    self._limit_in_flight(max_alive_promised(self.pp, self.vpp, self.pp_rank, num))
-        if self._sends:
-            self._post([], "sending the step's last transfers")
-        for tag in list(self._in_flight):
-            self._delivered(tag)
-        record.busy_s = sum(end - start for _, start, end in record.events)
+                    x, y = saved.pop((chunk, m))
+                    start = clock.mark()
+                    if stage == self.last_stage:
+                        # Each micro-batch's mean loss weighs 1 / num.
+                        torch.autograd.backward(y * loss_scale / num)
+                    else:
+                        torch.autograd.backward(y, received.pop(Transfer("B", stage, m)))
+                    record._marks.append((action, start, clock.mark()))
+                    if stage > 0:
+                        outputs[Transfer("B", stage - 1, m)] = x.grad
+            received.update(exchange(step, steps[i + 1] if i + 1 < len(steps) else None))
         return record

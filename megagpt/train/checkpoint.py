@@ -34,6 +34,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -179,9 +180,12 @@ def layout_of(cfg: Config, ctx) -> dict:
 # Saving
 
 
-def save_checkpoint(trainer, root: str | Path, keep: int) -> Path:
-    """Write this step's checkpoint under root (every rank calls it); returns its folder."""
+def save_checkpoint(trainer, root: str | Path, keep: int, pruner: BackgroundPruner | None = None) -> Path:
+    """Write this step's checkpoint under root (every rank calls it); returns its folder. Rank 0 then deletes
+    the checkpoints beyond the newest `keep`: in the pruner's thread when given one, else before returning."""
     ctx, cfg = trainer.ctx, trainer.cfg
+    if pruner is not None:
+        pruner.wait()  # the last save's prune is done before this save's folders appear
     root = Path(root)
     step = trainer.state.step
     final, tmp = root / step_folder(step), root / f"{step_folder(step)}.tmp"
@@ -228,7 +232,10 @@ def save_checkpoint(trainer, root: str | Path, keep: int) -> Path:
         write_text_atomically(tmp / METADATA, json.dumps(metadata, indent=1))
         publish(tmp, final)
         write_text_atomically(root / LATEST, final.name + "\n")
-        prune(root, keep, current=final)
+        if pruner is not None:
+            pruner.start(root, keep, final)
+        else:
+            prune(root, keep, current=final)
     barrier(ctx.world_group)
     get_logger().info(f"saved checkpoint {final} in {time.perf_counter() - start:.1f}s")
     return final
@@ -310,6 +317,32 @@ def prune(root: Path, keep: int, current: Path) -> None:
             delete_checkpoint(old)
     for stale in root.glob("step_*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+class BackgroundPruner:
+    """Rank 0's deletion of old checkpoints, in a thread: deleting a 175B checkpoint from a parallel file system
+    can take minutes, and every other rank would wait that long in the save's closing barrier (or their next
+    collective), past NCCL's watchdog. One prune at a time; the next save and the end of the run wait for it."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+
+    def start(self, root: Path, keep: int, current: Path) -> None:
+        self.wait()
+        self.thread = threading.Thread(target=self._prune, args=(root, keep, current), name="megagpt-prune")
+        self.thread.start()
+
+    @staticmethod
+    def _prune(root: Path, keep: int, current: Path) -> None:
+        try:
+            prune(root, keep, current)
+        except OSError as e:  # the run goes on; the next save's prune tries again
+            get_logger().warning(f"deleting old checkpoints in {root} failed: {e}")
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
 
 
 class OfflineCheckpointWriter:
@@ -504,6 +537,7 @@ class Checkpointer:
         self.started = time.monotonic()
         self.signal_received: str | None = None
         self._previous_handlers = {}
+        self.pruner = BackgroundPruner()
 
     def install_signal_handlers(self) -> None:
         try:
@@ -521,12 +555,12 @@ class Checkpointer:
         self.signal_received = signal.Signals(signum).name
 
     def stop_reason(self) -> str | None:
-        """Why the run must stop now, agreed by every rank: a signal any rank got, or the time limit."""
+        """Why the run must stop now, agreed by every rank: a signal any rank got, or the time limit.
+        Agreed each step over the host group (gloo, CPU tensors): no wait for the GPU's queue."""
         limit = self.c.exit_after_minutes
         over_time = limit is not None and time.monotonic() - self.started >= limit * 60
-        flags = torch.tensor([float(self.signal_received is not None), float(over_time)], device=self.ctx.device)
-        all_reduce(flags, self.ctx.world_group, op="max")
-        flags = flags.cpu()
+        flags = torch.tensor([float(self.signal_received is not None), float(over_time)])
+        all_reduce(flags, self.ctx.host, op="max")
         if flags[0] > 0:
             return self.signal_received or "a stop signal on another rank"
         if flags[1] > 0:
@@ -541,6 +575,7 @@ class Checkpointer:
         if due or reason:
             self.save(trainer)
         if reason:
+            self.pruner.wait()
             get_logger().info(
                 f"stopping after step {step} ({reason}): checkpoint saved, resume with checkpoint.load=auto"
             )
@@ -549,8 +584,9 @@ class Checkpointer:
 
     def at_end(self, trainer) -> None:
         self.save(trainer)
+        self.pruner.wait()
 
     def save(self, trainer) -> None:
         if self.saved_step != trainer.state.step:
-            save_checkpoint(trainer, self.c.dir, self.c.keep)
+            save_checkpoint(trainer, self.c.dir, self.c.keep, self.pruner)
             self.saved_step = trainer.state.step

@@ -6,8 +6,6 @@ sequence_parallel, embedding_replica) say how it is split: the optimizer's fp32 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from megagpt.parallel.comm import all_reduce
@@ -37,8 +35,9 @@ def allreduce_embedding_grads(params: list[torch.nn.Parameter], embedding_group:
 
 def global_grad_norm(
     params: list[torch.nn.Parameter], tp_group: Group, pp_group: Group, dp_shards: Group | None = None
-) -> float:
-    """L2 norm of the whole model's gradient, the same number on every rank (inf or NaN if any gradient is).
+) -> torch.Tensor:
+    """L2 norm of the whole model's gradient, the same number on every rank (inf or NaN if any gradient is), as
+    a 0-dim fp32 tensor on the gradients' device: reading it is a host sync, so the trainer does on logging steps.
 
     A tensor-parallel parameter's slices are disjoint, so each rank counts its own; a parameter replicated across
     tp is counted by the group's first rank; the last stage's copy of the tied embedding is not counted (the
@@ -59,11 +58,13 @@ def global_grad_norm(
     all_reduce(square_sum, pp_group)
     if dp_shards is not None:
         all_reduce(square_sum, dp_shards)
-    return math.sqrt(square_sum.item())
+    return square_sum.sqrt()
 
 
-def clip_grads(params: list[torch.nn.Parameter], max_norm: float, total_norm: float) -> None:
-    """Scale the grads so their global norm is at most max_norm (torch's clip_grad_norm_ rule)."""
-    coefficient = max_norm / (total_norm + 1e-6)
-    if coefficient < 1.0:
-        torch._foreach_mul_([p.grad for p in params if p.grad is not None], coefficient)
+def clip_grads(params: list[torch.nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale the grads so their global norm is at most max_norm (torch's clip_grad_norm_ rule), on the device:
+    the coefficient min(1, max_norm / (norm + 1e-6)) never comes to the host."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        coefficient = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coefficient.to(grads[0].device))

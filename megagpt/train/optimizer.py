@@ -93,12 +93,14 @@ class MainParamOptimizer:
         allreduce_sequence_parallel_grads(self.mains, self.ctx.tp_group)
         allreduce_embedding_grads(self.mains, self.ctx.embedding_group)
 
-    def grad_norm(self) -> float:
+    def grad_norm(self) -> torch.Tensor:
         ctx = self.ctx
         dp_shards = ctx.dp_group if self.grads.shard else None
         return global_grad_norm(self.mains, ctx.tp_group, ctx.pp_group, dp_shards)
 
-    def step(self, lr: float) -> tuple[float, bool]:
+    def step(self, lr: float) -> tuple[torch.Tensor, bool]:
+        """Clip, update, copy back. Returns the gradient norm before clipping (a device tensor, read only when
+        logged) and whether fp16 overflowed and the step was skipped (fp16 must know on the host)."""
         if self.scaler is not None and self.unscale_and_find_inf():
             return self.grad_norm(), True
         norm = self.grad_norm()

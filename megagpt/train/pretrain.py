@@ -160,6 +160,18 @@ def prepare_fused_kernels(cfg: Config, ctx: ParallelContext) -> None:
     barrier(ctx.world_group)
 
 
+def configure_tf32(allow: bool) -> None:
+    """fp32 matmuls and convolutions on GPU in TF32 or not (train.allow_tf32). CPU matmuls are left alone."""
+    precision = "tf32" if allow else "ieee"
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9, where mixing in the old flags below is an error
+        matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:
+        matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
+
+
 def ensure_same_config(cfg: Config, ctx: ParallelContext) -> None:
     """Every rank must run the same config: a shape or layout that differs between ranks would otherwise show up
     as a mismatched transfer deep inside a step. Compare a digest of the resolved config across the world."""
@@ -177,6 +189,8 @@ def ensure_same_config(cfg: Config, ctx: ParallelContext) -> None:
 def pretrain(cfg: Config, ctx: ParallelContext) -> TrainState:
     log = get_logger()
     ensure_same_config(cfg, ctx)
+    if ctx.device.type == "cuda":
+        configure_tf32(cfg.train.allow_tf32)
     # The first rank builds the sample-index caches; the others then load them instead of racing to write.
     if ctx.rank == 0:
         train_data, valid_data = build_data(cfg)

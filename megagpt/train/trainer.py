@@ -55,8 +55,11 @@ class TrainState:
 
 @dataclass
 class StepResult:
-    loss: float  # the batch's mean loss
-    grad_norm: float  # before clipping (inf or NaN on a skipped fp16 step)
+    """One optimizer step, kept on the device: reading loss or grad_norm waits for the GPU, so the trainer
+    reads them once per logged row (reduce_losses), not every step."""
+
+    loss: torch.Tensor  # this rank's share of the batch's mean loss: the sum over pp and dp ranks is the mean
+    grad_norm: torch.Tensor  # before clipping (inf or NaN on a skipped fp16 step)
     lr: float
     samples: int
     skipped: bool  # fp16 gradients overflowed: no update
@@ -101,39 +104,46 @@ class Trainer:
     def forward(self, chunk, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return chunk(x, labels)
 
-    def mean_loss(self, losses: list[torch.Tensor], num_micro_batches: int) -> float:
-        """The batch's mean loss on every rank: only the last pipeline stage has the per-micro-batch losses."""
+    def local_loss(self, losses: list[torch.Tensor], num_micro_batches: int) -> torch.Tensor:
+        """This rank's share of the batch's mean loss, on the device: only the last pipeline stage holds the
+        per-micro-batch losses, and the mean is over every dp rank's micro-batches."""
         total = torch.stack(losses).sum() if losses else torch.zeros((), device=self.ctx.device)
+        return total.float() / (num_micro_batches * self.ctx.dp_group.size)
+
+    def reduce_losses(self, local_losses: list[torch.Tensor]) -> list[float]:
+        """The batch mean losses of several steps, on every rank: one all-reduce per group and one host sync."""
+        total = torch.stack(local_losses)
         all_reduce(total, self.ctx.pp_group)
         all_reduce(total, self.ctx.dp_group)
-        return total.item() / (num_micro_batches * self.ctx.dp_group.size)
+        return total.tolist()
 
-    def compute_gradients(self, batch: int) -> tuple[float, object]:
+    def mean_loss(self, losses: list[torch.Tensor], num_micro_batches: int) -> float:
+        return self.reduce_losses([self.local_loss(losses, num_micro_batches)])[0]
+
+    def forward_backward(self, batch: int) -> tuple[torch.Tensor, object]:
         """Forward and backward of the next `batch` samples in the pipeline schedule's order, then the gradients
         finished across every group: dp-averaged, sequence-parallel and tied-embedding parts summed, in each
-        parameter's `main_grad` (fp32; still multiplied by the fp16 loss scale).
-        Returns (the batch's mean loss, the schedule's record)."""
+        parameter's `main_grad` (fp32; still multiplied by the fp16 loss scale). No host sync.
+        Returns (this rank's share of the batch's mean loss, on the device; the schedule's record)."""
         self.chunks.train()
         micro_batches = self.micro_batches(self.train_data, self.state.consumed_samples, batch)
         self.grads.start_step(len(micro_batches))
         # Each micro-batch's mean loss weighs 1 / num_micro_batches; the dp average happens in the reduction.
         loss_scale = self.scaler.scale if self.scaler is not None else 1.0
         record = self.executor.run(micro_batches, self.forward, backward=True, loss_scale=loss_scale)
-        mean_loss = self.mean_loss(record.losses, len(micro_batches))
-        # fp16 may overflow in the forward too; its gradients then overflow and the loss scaler skips the step.
-        if not math.isfinite(mean_loss) and self.scaler is None:
-            raise UserError(
-                f"the training loss became {mean_loss} at step {self.state.step + 1}; lower optim.lr, keep "
-                f"optim.clip_grad on, or use train.precision=fp32"
-            )
         self.optimizer.finish_gradients()
-        return mean_loss, record
+        return self.local_loss(record.losses, len(micro_batches)), record
+
+    def compute_gradients(self, batch: int) -> tuple[float, object]:
+        """forward_backward, with the batch's mean loss read on every rank (a host sync: tests and benches)."""
+        local, record = self.forward_backward(batch)
+        return self.reduce_losses([local])[0], record
 
     def train_step(self) -> StepResult:
         """One optimizer step (or, on an fp16 overflow, one skipped step)."""
         cfg = self.cfg
         batch = global_batch_size(self.state.consumed_samples, cfg.train)
-        mean_loss, _ = self.compute_gradients(batch)
+        loss, _ = self.forward_backward(batch)
         lr = learning_rate(self.state.step, cfg.optim, cfg.train.iters)
         grad_norm, skipped = self.optimizer.step(lr)
         self.grads.zero()
@@ -141,7 +151,22 @@ class Trainer:
         self.state.consumed_samples += batch
         if self.scaler is not None:
             self.scaler.update(skipped, step=self.state.step)  # raises after too many overflows in a row
-        return StepResult(mean_loss, grad_norm, lr, batch, skipped)
+        return StepResult(loss, grad_norm, lr, batch, skipped)
+
+    def window_loss(self, results: list[StepResult], last_step: int) -> float:
+        """The mean loss of the steps since the last logged row. A skipped fp16 step may have overflowed in the
+        forward already, so its loss says nothing; any other non-finite loss ends the run (checked here, on
+        logging steps, so that steps in between need no host sync)."""
+        losses = self.reduce_losses([r.loss for r in results])
+        first_step = last_step - len(results) + 1
+        for step, (loss, result) in enumerate(zip(losses, results), first_step):
+            if not math.isfinite(loss) and not result.skipped and self.scaler is None:
+                raise UserError(
+                    f"the training loss became {loss} at step {step}; lower optim.lr, keep optim.clip_grad on, "
+                    f"or use train.precision=fp32"
+                )
+        kept = [loss for loss, r in zip(losses, results) if not (r.skipped and not math.isfinite(loss))]
+        return sum(kept) / len(kept) if kept else float("nan")
 
     def measured_step(self) -> StepResult:
         """A train_step whose memory is measured: each rank's MemoryReport, gathered into state.memory and
@@ -182,42 +207,43 @@ class Trainer:
         return step == t.iters or (t.eval_interval > 0 and step % t.eval_interval == 0)
 
     def train(self) -> TrainState:
+        """Train to train.iters. Between logged rows the steps run without host syncs (fp16's overflow check
+        aside): losses and the gradient norm stay on the device and are read once per row."""
         cfg = self.cfg
         tokens_per_sample = cfg.model.seq_length
         start_time = time.perf_counter()
-        window_losses, window_tokens, window_time = [], 0, 0.0
-        window_skipped = 0
+        window: list[StepResult] = []
+        window_time = 0.0
         measure_memory = cfg.logging.memory_report  # the first step of this run only
         memory_in_row = False
         while self.state.step < cfg.train.iters:
             t0 = time.perf_counter()
             result = self.measured_step() if measure_memory else self.train_step()
             measure_memory = False
-            window_time += time.perf_counter() - t0
-            # A skipped fp16 step may have overflowed in the forward already; its loss says nothing.
-            if not (result.skipped and not math.isfinite(result.loss)):
-                window_losses.append(result.loss)
-            window_skipped += result.skipped
-            window_tokens += result.samples * tokens_per_sample
+            window.append(result)
             step = self.state.step
-            stop = self.checkpointer is not None and self.checkpointer.after_step(self)
-            log_now = step % cfg.logging.log_interval == 0 or step == cfg.train.iters or stop
+            due = step % cfg.logging.log_interval == 0 or step == cfg.train.iters
             eval_now = self.should_evaluate(step)
-            if not (log_now or eval_now):
+            if due or eval_now:
+                loss = self.window_loss(window, step)  # waits for the GPU: the window's time includes its work
+            window_time += time.perf_counter() - t0
+            stop = self.checkpointer is not None and self.checkpointer.after_step(self)
+            if not (due or eval_now or stop):
                 continue
+            if not (due or eval_now):
+                loss = self.window_loss(window, step)
             row = {
                 "step": step,
-                # mean over the steps since the last row
-                "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
+                "loss": loss,  # mean over the steps since the last row
                 "lr": result.lr,
-                "grad_norm": result.grad_norm,
-                "tokens_per_s": window_tokens / window_time,
+                "grad_norm": result.grad_norm.item(),
+                "tokens_per_s": sum(r.samples for r in window) * tokens_per_sample / window_time,
                 "global_batch_size": result.samples,
                 "consumed_samples": self.state.consumed_samples,
             }
             if self.scaler is not None:
                 row["loss_scale"] = self.scaler.scale
-                row["skipped_steps"] = window_skipped  # since the last row
+                row["skipped_steps"] = sum(r.skipped for r in window)  # since the last row
                 row["skipped_steps_total"] = self.scaler.total_skips
             if self.state.memory and not memory_in_row:  # the first row carries this rank's memory report
                 row.update({f"memory_{key}": value for key, value in self.state.memory[self.ctx.rank].items()})
@@ -230,7 +256,7 @@ class Trainer:
             self.state.history.append(row)
             if self.metrics is not None:
                 self.metrics.write(row)
-            window_losses, window_tokens, window_time, window_skipped = [], 0, 0.0, 0
+            window, window_time = [], 0.0
             if stop:
                 return self.state
         if self.checkpointer is not None:

@@ -122,7 +122,7 @@ def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir
     assert not bad, f"gradients differ from the single-process model: {bad}"
 
     # 4. The global norm counts each parameter once, whatever is split or replicated.
-    norm = optimizer.grad_norm()
+    norm = optimizer.grad_norm().item()
     ref_norm = torch.sqrt(sum(p.main_grad.pow(2).sum() for p in reference.parameters())).item()
     assert abs(norm - ref_norm) / ref_norm < 1e-5, (norm, ref_norm)
 

@@ -19,8 +19,8 @@ def reference_attention(q, k, v, window):
     q, k, v = (t.double() for t in (q, k, v))
     s = q.shape[-2]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    i = torch.arange(s).unsqueeze(1)
-    j = torch.arange(s).unsqueeze(0)
+    i = torch.arange(s, device=q.device).unsqueeze(1)  # on q's device: the CUDA tests share this reference
+    j = torch.arange(s, device=q.device).unsqueeze(0)
     visible = j <= i
     if window is not None:
         visible &= j > i - window
@@ -153,3 +153,20 @@ def test_scaled_masked_softmax_torch_path():
     probs.pow(2).sum().backward()
     with pytest.raises(ValueError, match="needs causal"):
         scaled_masked_softmax(scores, 1.0, window=3)
+
+
+def test_flex_compiles_get_a_recompile_budget_past_torch_default():
+    """Static-shape compiles of flex happen once per shape, dtype and window; past torch.compile's default limit
+    (8) torch would run it unfused. The budget flex runs under lets 12 variants each compile."""
+    from torch._dynamo.utils import counters
+
+    from megagpt.model.attention import FLEX_RECOMPILE_LIMIT, _recompile_budget
+
+    torch._dynamo.reset()
+    counters.clear()
+    double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    with _recompile_budget(FLEX_RECOMPILE_LIMIT):
+        for n in range(1, 13):
+            double(torch.ones(n))
+    assert counters["stats"]["unique_graphs"] == 12
+    torch._dynamo.reset()

@@ -252,3 +252,38 @@ def test_a_resumed_run_continues_metrics_jsonl_after_the_checkpoint(tmp_path):
     run(tmp_path, "same", ck, f"checkpoint.load={tmp_path / 'ck' / 'step_00000004'}")
     rows = [json.loads(line) for line in (tmp_path / "same" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_old_checkpoints_are_deleted_off_the_training_thread(tmp_path, monkeypatch):
+    """Rank 0 deletes beyond checkpoint.keep in a thread, so a slow delete does not hold the other ranks in the
+    save's barrier past NCCL's watchdog; each save, and the end of the run, waits for the previous delete."""
+    import threading
+
+    from megagpt.train import checkpoint
+
+    deleted, real_delete = [], checkpoint.delete_checkpoint
+    release = threading.Event()
+
+    def slow_delete(path):
+        assert release.wait(timeout=60)
+        deleted.append((path.name, threading.current_thread().name))
+        real_delete(path)
+
+    saves_done = []
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_release(trainer, *args):
+        release.clear()
+        folder = real_save(trainer, *args)  # returns while the delete it started is still blocked
+        saves_done.append((folder.name, list(deleted)))
+        release.set()
+        return folder
+
+    monkeypatch.setattr(checkpoint, "delete_checkpoint", slow_delete)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_release)
+    ck = tmp_path / "ck"
+    run(tmp_path, "r", "train.iters=4", "checkpoint.save_interval=1", "checkpoint.keep=2", f"checkpoint.dir={ck}")
+    assert saves_done[2] == ("step_00000003", [])  # step 3's save returned before step 1 was deleted
+    assert [name for name, _ in deleted] == ["step_00000001", "step_00000002"]
+    assert {thread for _, thread in deleted} == {"megagpt-prune"}
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000003", "step_00000004"]

@@ -143,3 +143,54 @@ def test_concurrent_processes_build_once(tmp_path, cache):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all("answer 5" in out for out in outputs), outputs
     assert sum(out.count("built kernel extension tiny") for out in outputs) == 1
+
+
+def test_a_cuda_key_follows_the_gpu_architectures(tmp_path, monkeypatch):
+    """A build for an H100 (9.0) must not be loaded on an A100 (8.0); host-only extensions do not care."""
+    cuda_spec = tiny_spec(tmp_path, cuda=True)
+    keys = {}
+    for arch in ("8.0", "9.0", "8.0;9.0"):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch)
+        assert build.cuda_arch_list() == arch
+        keys[arch] = (build_key(cuda_spec), build_key(tiny_spec(tmp_path)))
+    assert len({cuda for cuda, _ in keys.values()}) == 3
+    assert len({host for _, host in keys.values()}) == 1
+    # Unset, the visible GPUs decide (none here, none on a CPU machine).
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(build.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(build.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(build.torch.cuda, "get_device_capability", lambda i: (9, 0) if i else (8, 0))
+    assert build.cuda_arch_list() == "8.0;9.0"
+    assert build_key(cuda_spec) == keys["8.0;9.0"][0]
+
+
+def test_a_file_system_without_locks_builds_anyway(tmp_path, cache, monkeypatch, caplog):
+    """Lustre mounted without flock: flock raises ENOLCK. The build goes ahead in a private folder renamed into
+    place, with a message; when another process's rename came first, its folder is used."""
+    import errno
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(build.fcntl, "flock", no_locks)
+    spec = tiny_spec(tmp_path, answer=9)
+    with caplog.at_level("WARNING"):
+        assert load_extension(spec, timeout_s=300).answer() == 9
+    assert "has no file locks" in caplog.text and "MEGAGPT_KERNEL_CACHE" in caplog.text
+    folder = build_folder(spec)
+    assert (folder / "BUILD_OK").exists()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([folder.name, folder.name + ".lock"])
+    # Another process's rename comes first while this one builds: this one's rename fails, and it uses that
+    # folder (here the complete folder from before, hidden until this build is done).
+    load_extension.cache_clear()
+    (folder / "BUILD_OK").rename(folder / "hidden")
+    real_build = build._build
+
+    def build_while_another_finishes(spec_, private, timeout_s):
+        real_build(spec_, private, timeout_s)
+        (folder / "hidden").rename(folder / "BUILD_OK")
+
+    monkeypatch.setattr(build, "_build", build_while_another_finishes)
+    monkeypatch.setattr(build, "_import", lambda name, where: where)
+    assert load_extension(spec, timeout_s=300) == folder
+    assert sorted(p.name for p in cache.iterdir()) == sorted([folder.name, folder.name + ".lock"])

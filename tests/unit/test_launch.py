@@ -132,8 +132,18 @@ def test_each_local_rank_takes_its_gpu_or_the_one_it_was_bound_to(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with pytest.raises(UserError, match="8 processes on this node but 1 visible GPUs"):  # not 8 ranks on one GPU
         resolve_device("cuda", 3, 8)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # srun --gpus-per-task=1: each task sees its own
-    assert resolve_device("cuda", 3, 8) == torch.device("cuda", 0)
+    bound = {"CUDA_VISIBLE_DEVICES": "3"}  # srun --gpus-per-task=1: each task sees its own
+    assert resolve_device("cuda", 3, 8, "slurm", bound) == torch.device("cuda", 0)
+    assert resolve_device("cuda", 3, 8, "mpi", bound) == torch.device("cuda", 0)  # a wrapper script binds
+    # torchrun never binds GPUs per process: with CUDA_VISIBLE_DEVICES=0 its 8 processes share one GPU.
+    with pytest.raises(UserError, match="8 processes on this node but 1 visible GPUs"):
+        resolve_device("cuda", 3, 8, "torchrun", {"CUDA_VISIBLE_DEVICES": "0"})
+    # A Slurm step with one GPU on the node (--gres=gpu:1) for 8 tasks: all 8 see the same one.
+    with pytest.raises(UserError, match="8 processes on this node but 1 visible GPUs"):
+        resolve_device("cuda", 3, 8, "slurm", {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": "0"})
+    assert resolve_device("cuda", 3, 8, "slurm", {**bound, "SLURM_STEP_GPUS": "0,1,2,3,4,5,6,7"}) == torch.device(
+        "cuda", 0
+    )
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     with pytest.raises(UserError, match="8 processes on this node but 4 visible GPUs"):
         resolve_device("auto", 5, 8)

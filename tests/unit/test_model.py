@@ -118,3 +118,46 @@ def test_optimizer_has_gpt3_settings_and_no_decay_on_vectors():
     # An fp32 model is its own main weight: the pieces are views of the parameters, updated in place.
     assert not optimizer.copies_back
     assert all(main.data_ptr() == param.data_ptr() for param, _, _, main in optimizer.pieces)
+
+
+def test_evaluation_runs_local_layers_on_the_backend_training_uses(monkeypatch):
+    """With dropout, training runs local layers blocked (Flex has no dropout). Evaluation turns dropout off, but
+    must not switch them to Flex: on GPU that would bring the first torch.compile hours into a run."""
+    import megagpt.model.attention as attention
+
+    used = []
+    for name, implementation in list(attention._IMPLEMENTATIONS.items()):
+
+        def recording(*args, _name=name, _implementation=implementation):
+            used.append(_name)
+            return _implementation(*args)
+
+        monkeypatch.setitem(attention._IMPLEMENTATIONS, name, recording)
+    model, cfg = _model("model.dropout=0.1")
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + 1))
+    model.train()
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    in_training, used[:] = list(used), []
+    model.eval()
+    with torch.no_grad():
+        model(tokens[:, :-1], tokens[:, 1:])
+    assert in_training == used == ["sdpa", "blocked"] * (cfg.num_layers // 2)
+
+
+def test_building_the_model_leaves_the_gpu_generators_alone(monkeypatch):
+    """Each part's weights come from its own seed; reseeding the CUDA generators there (torch.manual_seed does)
+    would silently reset every GPU's dropout stream whenever a model is built."""
+    from megagpt.model.gpt import seeded
+
+    def forbidden(seed):
+        raise AssertionError("seeded() reseeded the CUDA generators")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", forbidden)
+    monkeypatch.setattr(torch.cuda, "manual_seed", forbidden)
+    before = torch.random.get_rng_state()
+    with seeded(7, 1):
+        first = torch.rand(3)
+    with seeded(7, 1):
+        again = torch.rand(3)
+    assert torch.equal(first, again) and torch.equal(torch.random.get_rng_state(), before)
+    GPT(tiny_config().model, Group.solo(), init_seed=3)  # the whole build, every part seeded

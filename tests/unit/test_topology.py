@@ -1,6 +1,7 @@
 import itertools
 
 import pytest
+import torch
 
 from megagpt.parallel.topology import Topology
 
@@ -33,3 +34,24 @@ def test_groups_partition_the_world_and_coords_round_trip(tp, dp, pp):
 def test_out_of_range_rank():
     with pytest.raises(ValueError, match="rank 8 is outside a world of 8"):
         Topology(2, 2, 2).coords(8)
+
+
+def test_nccl_is_bound_to_the_rank_gpu_and_stop_flags_get_a_gloo_group(monkeypatch):
+    """On CUDA: init_process_group(device_id=...) creates the NCCL communicator on this rank's GPU at once, and
+    a gloo group over the world carries the per-step stop flags as CPU tensors (no wait for the GPU's queue)."""
+    import torch.distributed as dist
+
+    from megagpt.parallel.context import ParallelContext
+
+    calls = {"init": None, "groups": []}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.update(init=(backend, kw)))
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(dist, "new_group", lambda ranks, **kw: calls["groups"].append((ranks, kw)) or object())
+    ctx = ParallelContext.initialize(Topology(1, 2, 1), 1, torch.device("cuda", 1))
+    backend, kwargs = calls["init"]
+    assert backend == "nccl" and kwargs["device_id"] == torch.device("cuda", 1)
+    assert calls["groups"][-1][1].get("backend") == "gloo" and calls["groups"][-1][0] == [0, 1]
+    assert ctx.host is not ctx.world_group and ctx.host.ranks == (0, 1)
+    assert ParallelContext.single_process().host.size == 1

@@ -1,0 +1,93 @@
+"""What the training loop reads back from the device: on a GPU each read is a host sync that stalls the CPU
+until the GPU's queue drains, so the steps between logged rows must need none (fp16's overflow check aside)."""
+
+from __future__ import annotations
+
+import collections
+import sys
+
+import pytest
+import torch
+
+from megagpt.errors import UserError
+from megagpt.parallel.context import ParallelContext
+from megagpt.train.pretrain import configure_tf32, pretrain
+from megagpt.train.trainer import Trainer
+from tests.conftest import tiny_config
+
+BASE = ["logging.tensorboard=false", "train.eval_iters=0", "logging.memory_report=false"]
+READS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
+
+
+def count_reads(monkeypatch) -> collections.Counter:
+    """Count tensor reads made by megagpt code, by the function that made them."""
+    reads = collections.Counter()
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, _original=original, **kwargs):
+            caller = sys._getframe(1)
+            while caller.f_code.co_name.startswith("<"):  # a comprehension: its function
+                caller = caller.f_back
+            if "/megagpt/" in caller.f_code.co_filename:
+                reads[caller.f_code.co_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return reads
+
+
+def test_steps_between_logged_rows_read_nothing_back(tmp_path, monkeypatch):
+    cfg = tiny_config(*BASE, "train.iters=10", "logging.log_interval=5", f"logging.dir={tmp_path}")
+    reads = count_reads(monkeypatch)
+    state = pretrain(cfg, ParallelContext.single_process())
+    monkeypatch.undo()
+    assert [row["step"] for row in state.history] == [5, 10]
+    reads.pop("read_batch", None)  # checks token ids of CPU samples before they go to the device
+    reads.pop("ensure_same_config", None)  # once, before training
+    # Per logged row: the window's losses in one read, the last step's gradient norm in another.
+    assert reads == {"reduce_losses": 2, "train": 2}, reads
+
+
+def test_a_non_finite_loss_ends_the_run_at_the_next_logged_row_naming_its_step(tmp_path, monkeypatch):
+    cfg = tiny_config(*BASE, "train.iters=10", "logging.log_interval=4", f"logging.dir={tmp_path}")
+    original, calls = Trainer.forward, []
+
+    def forward(self, chunk, x, labels):
+        y = original(self, chunk, x, labels)
+        if labels is not None:
+            calls.append(1)
+            if len(calls) == 2 * cfg.train.global_batch_size // cfg.train.micro_batch_size:  # step 2's last
+                return y * float("nan")
+        return y
+
+    monkeypatch.setattr(Trainer, "forward", forward)
+    with pytest.raises(UserError, match="the training loss became nan at step 2; lower optim.lr"):
+        pretrain(cfg, ParallelContext.single_process())
+
+
+def tf32_on() -> bool:
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: reading the old flag after setting this one raises
+        return matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
+    return matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+def test_tf32_follows_train_allow_tf32():
+    assert tiny_config().train.allow_tf32 is True
+    new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+    if new_api:
+        saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+        cpu_precision = torch.backends.mkldnn.matmul.fp32_precision
+    try:
+        configure_tf32(False)
+        assert not tf32_on()
+        configure_tf32(True)
+        assert tf32_on()
+        if new_api:  # CPU matmuls keep full fp32
+            assert torch.backends.mkldnn.matmul.fp32_precision == cpu_precision
+    finally:  # put the process's settings back
+        if new_api:
+            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+        else:
+            configure_tf32(False)
