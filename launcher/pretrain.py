@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import sys
 
 import torch
@@ -16,6 +17,7 @@ from megagpt.config import data_parallel_size, load_config, validate
 from megagpt.errors import UserError
 from megagpt.launch import discover_launch, resolve_device, set_cpu_threads
 from megagpt.log import get_logger, setup_logging
+from megagpt.parallel.comm import shutdown
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.topology import Topology
 
@@ -112,15 +114,22 @@ def main(argv: list[str] | None = None):
 
         from megagpt.train.pretrain import pretrain  # after validation: heavy imports only for a valid run
 
+        finished = False
         try:
-            return pretrain(cfg, ctx)
+            state = pretrain(cfg, ctx)
+            finished = True
+            return state
         finally:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+            shutdown(ctx.world_group, finished)  # on every exit path: success, error, stop signal
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
-    main()
+    # A native crash (a segfault, an abort in a C++ thread) prints every thread's Python stack, and torchrun
+    # reports a Python exception as the job's root cause rather than "error_file: <N/A>".
+    faulthandler.enable(all_threads=True)
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(main)()

@@ -163,17 +163,42 @@ SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f
 # Loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"key '{key}' appears twice in one mapping (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); PyYAML would keep the last silently, so keep one"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (optionally starting from `preset:`), apply `section.key=value` overrides, check types."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; pass a YAML file to --config (configs/ holds some)")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it "
+                f"as UTF-8"
+            ) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
     return config_from_dict(raw, overrides)
@@ -457,6 +482,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         check(0 <= getattr(o, key) < 1, f"optim.{key}={getattr(o, key)} must be in [0, 1)")
     check(o.eps > 0, "optim.eps must be positive")
 
+    check(
+        not (d.synthetic and d.path is not None),
+        f"data.path={d.path} is set but data.synthetic=true would train on random tokens and ignore it (the "
+        f"tiny presets turn synthetic on); set data.synthetic=false to train on data.path, or drop data.path",
+    )
     if not d.synthetic:
         check(
             d.path is not None,

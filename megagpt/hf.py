@@ -162,7 +162,12 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise ConversionError(f"{config_path} is missing: --hf must be a Hugging Face model folder")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{config_path} is not a JSON file ({e}); the model folder is damaged") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_path} holds a {type(config).__name__}, not a JSON object")
     if config.get("model_type") not in SUPPORTED:
         raise ConversionError(
             f"model_type {config.get('model_type')!r} in {config_path} is not supported: megagpt converts "
@@ -207,6 +212,30 @@ def _take(state: dict, name: str) -> torch.Tensor:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConversionError(message)
+
+
+def _check_shapes(state: dict, model_cfg: dict, layer_shapes: dict[str, tuple]) -> None:
+    """Every tensor the conversion reads, present and of the shape the config says (else a sentence naming it,
+    not an unpacking error deep inside the conversion). layer_shapes: per-layer names under transformer.h.N."""
+    h, vocab, positions = model_cfg["hidden_size"], model_cfg["vocab_size"], model_cfg["max_position_embeddings"]
+    expected = {
+        "transformer.wte.weight": (vocab, h),
+        "transformer.wpe.weight": (positions, h),
+        "transformer.ln_f.weight": (h,),
+        "transformer.ln_f.bias": (h,),
+    }
+    for layer in range(model_cfg["num_layers"]):
+        for name in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"):
+            expected[f"transformer.h.{layer}.{name}"] = (h,)
+        expected.update({f"transformer.h.{layer}.{name}": shape for name, shape in layer_shapes.items()})
+    for name, shape in expected.items():
+        _check(name in state, f"the Hugging Face weights have no {name}")
+        actual = tuple(state[name].shape)
+        _check(
+            actual == shape,
+            f"{name} has shape {list(actual)} but the Hugging Face config says {list(shape)} (hidden "
+            f"{h}, vocabulary {vocab}, positions {positions}); the config.json does not belong to these weights",
+        )
 
 
 def _common_tensors(model_cfg: dict, state: dict) -> dict[str, torch.Tensor]:
@@ -256,8 +285,14 @@ def _from_gpt2(c: dict, state: dict) -> tuple[dict, dict]:
         c.get("resid_pdrop", 0.1), c.get("activation_function", "gelu_new"), c.get("n_inner"),
     )  # fmt: skip
     model_cfg.update(attention_pattern=["dense"], qkv_bias=True)
-    tensors = _common_tensors(model_cfg, state)
     heads, h = c["n_head"], c["n_embd"]
+    _check(h % heads == 0, f"n_embd={h} is not divisible by n_head={heads}")
+    _check_shapes(state, model_cfg, {  # Conv1D weights are (in, out)
+        "attn.c_attn.weight": (h, 3 * h), "attn.c_attn.bias": (3 * h,), "attn.c_proj.weight": (h, h),
+        "attn.c_proj.bias": (h,), "mlp.c_fc.weight": (h, 4 * h), "mlp.c_fc.bias": (4 * h,),
+        "mlp.c_proj.weight": (4 * h, h), "mlp.c_proj.bias": (h,),
+    })  # fmt: skip
+    tensors = _common_tensors(model_cfg, state)
     for layer in range(c["n_layer"]):
         ours, theirs = f"blocks.{layer}.", f"transformer.h.{layer}."
         q, k, v = _take(state, theirs + "attn.c_attn.weight").t().split(h)
@@ -287,8 +322,15 @@ def _from_gpt_neo(c: dict, state: dict) -> tuple[dict, dict]:
     )  # fmt: skip
     ours_kinds = ["local" if kind == "local" else "dense" for kind in kinds]
     model_cfg.update(attention_pattern=shortest_cycle(ours_kinds), local_window=c["window_size"], qkv_bias=False)
-    tensors = _common_tensors(model_cfg, state)
     heads, h = c["num_heads"], c["hidden_size"]
+    _check(h % heads == 0, f"hidden_size={h} is not divisible by num_heads={heads}")
+    _check_shapes(state, model_cfg, {  # Linear weights are (out, in)
+        "attn.attention.q_proj.weight": (h, h), "attn.attention.k_proj.weight": (h, h),
+        "attn.attention.v_proj.weight": (h, h), "attn.attention.out_proj.weight": (h, h),
+        "attn.attention.out_proj.bias": (h,), "mlp.c_fc.weight": (4 * h, h), "mlp.c_fc.bias": (4 * h,),
+        "mlp.c_proj.weight": (h, 4 * h), "mlp.c_proj.bias": (h,),
+    })  # fmt: skip
+    tensors = _common_tensors(model_cfg, state)
     unscale = math.sqrt(h // heads)  # megagpt divides the scores by sqrt(head_dim); GPT-Neo does not
     for layer in range(layers):
         ours, attention = f"blocks.{layer}.", f"transformer.h.{layer}.attn.attention."
@@ -326,6 +368,7 @@ def checkpoint_to_hf_folder(checkpoint: str | Path, out: str | Path, dtype: torc
     from transformers import GenerationConfig
 
     from megagpt.inference import open_checkpoint
+    from megagpt.train.checkpoint_format import METADATA
 
     saved = open_checkpoint(checkpoint)
     names = sorted({name for kind, name, _, _ in saved.meta["index"] if kind == "weight"})
@@ -335,6 +378,9 @@ def checkpoint_to_hf_folder(checkpoint: str | Path, out: str | Path, dtype: torc
         tensors[name] = (full if full is not None else saved.full("weight", name)).float()
     config, state = to_hf(tensors, saved.meta["model"])
     out = Path(out)
+    taken = [name for name in ("config.json", "model.safetensors", METADATA, "latest") if (out / name).exists()]
+    if taken:  # another model folder, or a training run's checkpoints: never overwrite them
+        raise ConversionError(f"--out {out} already holds {', '.join(taken)}; write the model into a new folder")
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id).save_pretrained(out)

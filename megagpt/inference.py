@@ -18,6 +18,7 @@ import torch
 
 from megagpt.config import Config, config_from_dict
 from megagpt.model.gpt import GPT
+from megagpt.parallel.comm import shutdown
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.random import TensorParallelRNG
 from megagpt.train.checkpoint import copy_weights, latest_checkpoint, shards_of
@@ -89,11 +90,13 @@ def inference_context(device: str = "auto") -> Iterator[ParallelContext]:
         yield ParallelContext.single_process(where)
         return
     launch.export_rendezvous()
+    ctx = ParallelContext.initialize(Topology(launch.world_size, 1, 1), launch.rank, where)
+    finished = False
     try:
-        yield ParallelContext.initialize(Topology(launch.world_size, 1, 1), launch.rank, where)
+        yield ctx
+        finished = True
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown(ctx.world_group, finished)
 
 
 @torch.no_grad()

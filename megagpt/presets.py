@@ -59,6 +59,10 @@ def _gpt3_preset(layers: int, hidden: int, heads: int, batch: int, lr: float, ra
             "attention_pattern": ["dense", "local"],
             "local_window": 256,
             "dropout": 0.1,
+            # No q/k/v biases, as GPT-Neo (EleutherAI's open GPT-3 replica): Hugging Face's model for local layers
+            # cannot represent a query bias, and without it every preset exports (a deliberate departure from
+            # GPT-2's biased projections).
+            "qkv_bias": False,
         },
         "train": {
             "iters": steps_for(TRAIN_TOKENS),

@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, world)
         if not 0 < args.mfu <= 1:
             raise UserError(f"--mfu={args.mfu} must be in (0, 1]")
+        if args.tokens is not None and not args.tokens > 0:  # also NaN
+            raise UserError(f"--tokens={args.tokens:g} must be a positive token budget, e.g. 300e9")
         result = estimate(cfg, world, args.gpu, args.mfu, args.tokens)
         print(json.dumps(result, indent=1) if args.json else report(result))
     except UserError as e:

@@ -99,6 +99,21 @@ class GPTDataset(Dataset):
                 "(train,valid,test, e.g. '969,30,1') or ask for 0 of its samples."
             )
 
+        tokens_per_epoch = int(doc_lengths.sum())
+        if tokens_per_epoch < self.seq_length + 1:
+            raise DataError(
+                f"the {name} split of {indexed.prefix} holds {tokens_per_epoch} tokens, fewer than one sample of "
+                f"seq_length + 1 = {self.seq_length + 1}: every sample would repeat the same tokens; give it more "
+                f"data (a larger corpus or share in data.split) or a shorter model.seq_length"
+            )
+        # Said on every run, not only when the indices are built: a small corpus is seen many times over.
+        epochs = -(-(self.num_samples * self.seq_length + 1) // tokens_per_epoch)
+        if epochs > 1:
+            logger.warning(
+                "the %s split of %s (%d tokens) is read %d times over for its %d samples: %d epochs",
+                name, indexed.prefix, tokens_per_epoch, epochs, self.num_samples, epochs,
+            )  # fmt: skip
+
         cache_dir = os.path.dirname(os.path.abspath(indexed.prefix)) if cache_dir is None else os.fspath(cache_dir)
         description = {
             "class": "GPTDataset",

@@ -169,6 +169,12 @@ def write_dataset(prefix: str, docs: Iterable[np.ndarray], dtype=None, progress:
             builder.add_document(tokens)
             num_tokens += len(tokens)
             bar.set_postfix(tokens=num_tokens, refresh=False)
+        # Raised inside the builder: its temporaries go, and the files at prefix stay as they were.
+        if builder.num_documents == 0 or num_tokens == 0:
+            raise DataError(
+                f"the input holds no text ({builder.num_documents} documents, 0 tokens), so nothing was written and "
+                f"any dataset at {prefix} is left as it was; check the input files (and --json-key for .jsonl)"
+            )
     return builder.num_documents, num_tokens
 
 

@@ -158,10 +158,36 @@ def batch_send_recv(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tupl
     return dist.batch_isend_irecv(ops) if ops else []
 
 
+def broadcast_text(text: str, src_index: int, group: Group, device: torch.device, max_bytes: int = 4096) -> str:
+    """The group's src_index-th rank's text (at most max_bytes of UTF-8), on every rank: for decisions one rank
+    makes for all (which checkpoint to load, why the run cannot start)."""
+    if group.size == 1:
+        return text
+    data = text.encode()[:max_bytes]
+    encoded = torch.zeros(max_bytes + 8, dtype=torch.uint8)
+    encoded[:8] = torch.tensor(list(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+    encoded[8 : 8 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    encoded = broadcast(encoded.to(device), src_index, group).cpu()
+    length = int.from_bytes(bytes(encoded[:8].tolist()), "little")
+    return bytes(encoded[8 : 8 + length].tolist()).decode(errors="replace")
+
+
 def barrier(group: Group) -> None:
     if group.size > 1:
         with named_failure("barrier", group):
             dist.barrier(group=group.handle)
+
+
+def shutdown(world: Group, finished: bool) -> None:
+    """End torch.distributed on this rank. After a finished run every rank first meets the others, so none tears
+    its groups down while a peer still uses them: rank 0 hosts the rendezvous store, and when it exited while a
+    peer was still destroying its gloo groups, that peer died in C++ ("terminate called without an active
+    exception", SIGABRT) after a run that had finished. After an error a peer may be dead: no barrier."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        barrier(world)
+    dist.destroy_process_group()
 
 
 def _conjugate_pair(name: str, forward, backward) -> type[torch.autograd.Function]:

@@ -7,12 +7,32 @@ an argument; there is no global default to fall back to.
 from __future__ import annotations
 
 import datetime
+import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from megagpt.errors import UserError
 from megagpt.parallel.topology import Topology
+
+
+class RendezvousError(UserError):
+    """The ranks did not all meet at the rendezvous within parallel.timeout_s."""
+
+
+def rendezvous_failure(error: Exception, rank: int, world_size: int, timeout: datetime.timedelta) -> str:
+    """One sentence for a failed rendezvous: who, where, how many came, how long it waited."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    joined = re.search(r"(\d+)/(\d+) clients joined", str(error))
+    came = f"; {joined.group(1)} of {joined.group(2)} ranks joined" if joined else ""
+    return (
+        f"rank {rank} of a world of {world_size} could not meet the other ranks at {where} within "
+        f"{timeout.total_seconds():.0f}s (parallel.timeout_s){came}: {reason}; start every rank with the same "
+        f"MASTER_ADDR, MASTER_PORT and world size, and check that rank 0 runs and its port is reachable"
+    )
 
 
 @dataclass(frozen=True)
@@ -109,9 +129,12 @@ class ParallelContext:
                 device_id = torch.device(
                     "cuda", device.index if device.index is not None else torch.cuda.current_device()
                 )
-            dist.init_process_group(
-                backend, rank=rank, world_size=topology.world_size, timeout=timeout, device_id=device_id
-            )
+            try:
+                dist.init_process_group(
+                    backend, rank=rank, world_size=topology.world_size, timeout=timeout, device_id=device_id
+                )
+            except dist.DistError as e:  # the rendezvous: a rank that never came, an address nobody listens at
+                raise RendezvousError(rendezvous_failure(e, rank, topology.world_size, timeout)) from None
         if dist.get_world_size() != topology.world_size:
             raise ValueError(f"the process group has {dist.get_world_size()} ranks, the layout {topology.world_size}")
 

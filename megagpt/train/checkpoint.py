@@ -3,7 +3,9 @@
     checkpoint.dir/
       latest               the name of the newest complete checkpoint, replaced (atomically) only after it is whole
       step_00000100/       one checkpoint (train/checkpoint_format.py: metadata.json and one file per rank)
-      step_00000200.tmp/   a save in progress, or one a killed job left behind (the next save clears it)
+      step_00000200.tmp-H-P/ a save in progress (H, P: host and pid of the run's rank 0), or one a killed job left
+                           behind (the next save of a run holding the folder's lock clears it)
+      .megagpt.lock        held by the run writing here (train/run_folders.py)
 
 Saving (every checkpoint.save_interval steps, at the end, and when a stop is requested): every rank writes its
 file into the .tmp folder; rank 0 then writes metadata.json with each file's sha256, renames the folder into
@@ -34,6 +36,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -42,8 +45,9 @@ import numpy as np
 import torch
 
 from megagpt.config import Config
+from megagpt.errors import UserError
 from megagpt.log import get_logger
-from megagpt.parallel.comm import all_gather, all_reduce, barrier, broadcast
+from megagpt.parallel.comm import all_gather, all_reduce, barrier, broadcast_text
 from megagpt.train.checkpoint_format import (
     FORMAT,
     METADATA,
@@ -66,6 +70,8 @@ MODEL_KEYS = (
     "max_position_embeddings",
     "seq_length",
     "qkv_bias",
+    "attention_pattern",  # which layers are local, and how far they see: both change what the weights compute
+    "local_window",
 )
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -180,15 +186,19 @@ def layout_of(cfg: Config, ctx) -> dict:
 # Saving
 
 
-def save_checkpoint(trainer, root: str | Path, keep: int, pruner: BackgroundPruner | None = None) -> Path:
-    """Write this step's checkpoint under root (every rank calls it); returns its folder. Rank 0 then deletes
-    the checkpoints beyond the newest `keep`: in the pruner's thread when given one, else before returning."""
+def save_checkpoint(
+    trainer, root: str | Path, keep: int, pruner: BackgroundPruner | None = None, run_tag: str = "", clear_stale=True
+) -> Path:
+    """Write this step's checkpoint under root (every rank calls it); returns its folder. It is written into
+    step_N.tmp-RUN_TAG (a name no other run uses) and renamed into place. Rank 0 then deletes the checkpoints
+    beyond the newest `keep` (and, with clear_stale, temporaries killed saves left): in the pruner's thread when
+    given one, else before returning."""
     ctx, cfg = trainer.ctx, trainer.cfg
     if pruner is not None:
         pruner.wait()  # the last save's prune is done before this save's folders appear
     root = Path(root)
     step = trainer.state.step
-    final, tmp = root / step_folder(step), root / f"{step_folder(step)}.tmp"
+    final, tmp = root / step_folder(step), root / f"{step_folder(step)}.tmp-{run_tag}"
     start = time.perf_counter()
     if ctx.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -198,8 +208,20 @@ def save_checkpoint(trainer, root: str | Path, keep: int, pruner: BackgroundPrun
 
     path = tmp / rank_file(ctx.rank)
     chunks = rank_chunks(trainer)
-    write_rank_file({"format": FORMAT, "chunks": chunks, "rng": random_states(trainer)}, path)
-    write_text_atomically(index_file(path), json.dumps(chunk_index(chunks, path.name)))
+    error = None
+    try:
+        write_rank_file({"format": FORMAT, "chunks": chunks, "rng": random_states(trainer)}, path)
+        write_text_atomically(index_file(path), json.dumps(chunk_index(chunks, path.name)))
+    except (OSError, RuntimeError) as e:  # a full disk, a quota; torch.save reports them as RuntimeError
+        error = e
+    # Every rank learns whether any could not write, so none is left waiting in the gather below.
+    failed = torch.tensor([float(error is not None)], device=ctx.device)
+    all_reduce(failed, ctx.world_group, op="max")
+    if failed.item() > 0:
+        if ctx.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier(ctx.world_group)
+        raise CheckpointError(save_failure(final, root, error, ctx.rank))
     digest = sha256_of(path)
     # Each rank's sha256 (as 8 signed 32-bit words) and size, gathered to rank 0 for the metadata.
     mine = torch.tensor([int(digest[i : i + 8], 16) - 2**31 for i in range(0, 64, 8)] + [path.stat().st_size])
@@ -233,12 +255,33 @@ def save_checkpoint(trainer, root: str | Path, keep: int, pruner: BackgroundPrun
         publish(tmp, final)
         write_text_atomically(root / LATEST, final.name + "\n")
         if pruner is not None:
-            pruner.start(root, keep, final)
+            pruner.start(root, keep, final, clear_stale)
         else:
-            prune(root, keep, current=final)
+            prune(root, keep, final, clear_stale)
     barrier(ctx.world_group)
     get_logger().info(f"saved checkpoint {final} in {time.perf_counter() - start:.1f}s")
     return final
+
+
+def save_failure(final: Path, root: Path, error: Exception | None, rank: int) -> str:
+    """Which checkpoint could not be written and why, and which one is intact."""
+    if error is None:
+        why = "another rank could not write its file (its log says why)"
+    else:
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:  # the OSError under torch's wrapper
+            cause = cause.__cause__ or cause.__context__
+        why = f"rank {rank} could not write its file: {getattr(cause, 'strerror', None) or str(cause).splitlines()[0]}"
+    try:
+        free = f"; {shutil.disk_usage(root).free / 2**30:.1f} GiB are free there"
+    except OSError:
+        free = ""
+    intact = latest_checkpoint(root, required=False)
+    kept = f"the newest intact checkpoint is {intact}" if intact else "no earlier checkpoint exists there"
+    return (
+        f"checkpoint {final} could not be saved ({why}{free}); its partial files were removed and {kept}; free "
+        f"space or point checkpoint.dir elsewhere, then resume with checkpoint.load=auto"
+    )
 
 
 def index_file(path: Path) -> Path:
@@ -309,14 +352,16 @@ def delete_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def prune(root: Path, keep: int, current: Path) -> None:
+def prune(root: Path, keep: int, current: Path, clear_stale: bool = True) -> None:
     """Keep the newest `keep` published checkpoints (by publish time, so that after resuming from an older one
-    the checkpoints of the abandoned run go first, never the one just written), and clear other saves' .tmp."""
+    the checkpoints of the abandoned run go first, never the one just written). With clear_stale (the run holds
+    the folder's lock, so no other run is saving there) also delete the temporaries of killed saves."""
     for old in complete_checkpoints(root)[:-keep]:
         if old != current:
             delete_checkpoint(old)
-    for stale in root.glob("step_*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+    if clear_stale:
+        for stale in root.glob("step_*.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 class BackgroundPruner:
@@ -327,15 +372,16 @@ class BackgroundPruner:
     def __init__(self):
         self.thread: threading.Thread | None = None
 
-    def start(self, root: Path, keep: int, current: Path) -> None:
+    def start(self, root: Path, keep: int, current: Path, clear_stale: bool = True) -> None:
         self.wait()
-        self.thread = threading.Thread(target=self._prune, args=(root, keep, current), name="megagpt-prune")
+        args = (root, keep, current, clear_stale)
+        self.thread = threading.Thread(target=self._prune, args=args, name="megagpt-prune")
         self.thread.start()
 
     @staticmethod
-    def _prune(root: Path, keep: int, current: Path) -> None:
+    def _prune(root: Path, keep: int, current: Path, clear_stale: bool) -> None:
         try:
-            prune(root, keep, current)
+            prune(root, keep, current, clear_stale)
         except OSError as e:  # the run goes on; the next save's prune tries again
             get_logger().warning(f"deleting old checkpoints in {root} failed: {e}")
 
@@ -351,8 +397,14 @@ class OfflineCheckpointWriter:
 
     def __init__(self, root: str | Path, step: int):
         self.root = Path(root)
+        existing = complete_checkpoints(self.root) if self.root.is_dir() else []
+        if existing:  # a training run's folder: publishing here would repoint its latest (and may replace a step)
+            raise UserError(
+                f"{self.root} already holds {len(existing)} checkpoint(s) (newest {existing[-1].name}); write into a "
+                f"new or empty folder"
+            )
         self.final = self.root / step_folder(step)
-        self.tmp = self.root / f"{step_folder(step)}.tmp"
+        self.tmp = self.root / f"{step_folder(step)}.tmp-{socket.gethostname()}-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.files: dict[str, dict] = {}
@@ -383,10 +435,7 @@ def resolve_load(cfg: Config, ctx=None) -> Path | None:
     if ctx is None or ctx.world_group.size == 1:
         return _resolve_load(cfg)
     choice = str(_resolve_load(cfg) or "") if ctx.rank == 0 else ""
-    encoded = torch.zeros(4096, dtype=torch.uint8)
-    encoded[: len(choice.encode())] = torch.tensor(list(choice.encode()), dtype=torch.uint8)
-    encoded = broadcast(encoded.to(ctx.device), 0, ctx.world_group).cpu()
-    chosen = bytes(encoded[encoded != 0].tolist()).decode()
+    chosen = broadcast_text(choice, 0, ctx.world_group, ctx.device)
     return Path(chosen) if chosen else None
 
 
@@ -530,8 +579,11 @@ class Checkpointer:
     """Saves every checkpoint.save_interval steps and at the end, and stops the run cleanly when a stop signal
     arrives or checkpoint.exit_after_minutes has passed (every rank agrees, at a step boundary)."""
 
-    def __init__(self, cfg: Config, ctx):
+    def __init__(self, cfg: Config, ctx, clear_stale: bool = True):
         self.cfg, self.ctx = cfg, ctx
+        self.clear_stale = clear_stale  # the run holds checkpoint.dir's lock (run_folders.py)
+        # Rank 0's host and pid name this run's temporaries, so they never collide with another run's.
+        self.run_tag = broadcast_text(f"{socket.gethostname()}-{os.getpid()}", 0, ctx.world_group, ctx.device)
         self.c = cfg.checkpoint
         self.saved_step = -1
         self.started = time.monotonic()
@@ -588,5 +640,5 @@ class Checkpointer:
 
     def save(self, trainer) -> None:
         if self.saved_step != trainer.state.step:
-            save_checkpoint(trainer, self.c.dir, self.c.keep, self.pruner)
+            save_checkpoint(trainer, self.c.dir, self.c.keep, self.pruner, self.run_tag, self.clear_stale)
             self.saved_step = trainer.state.step

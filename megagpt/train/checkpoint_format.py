@@ -114,6 +114,17 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+# What every metadata.json must hold, and of which type, before anything reads it.
+REQUIRED_METADATA = {
+    "step": int,
+    "consumed_samples": int,
+    "model": dict,
+    "layout": dict,
+    "files": dict,
+    "index": list,
+}
+
+
 class SavedCheckpoint:
     """A checkpoint folder, read lazily: metadata at once, each rank file (checked against its sha256) when a
     tensor it holds is first asked for."""
@@ -121,6 +132,11 @@ class SavedCheckpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         meta_path = self.path / METADATA
+        if self.path.is_file():
+            raise CheckpointError(
+                f"checkpoint {self.path} is a file; give a checkpoint folder (step_N) or a checkpoint.dir to "
+                f"checkpoint.load"
+            )
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint {self.path} does not exist; check checkpoint.load")
         if not meta_path.exists():
@@ -132,8 +148,17 @@ class SavedCheckpoint:
             self.meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{meta_path} is not valid JSON ({e}); the checkpoint is damaged") from None
+        if not isinstance(self.meta, dict):
+            raise CheckpointError(f"{meta_path} holds a {type(self.meta).__name__}, not an object; it is damaged")
         if self.meta.get("format") != FORMAT:
             raise CheckpointError(f"{meta_path} has format {self.meta.get('format')}; this megagpt reads {FORMAT}")
+        for key, kind in REQUIRED_METADATA.items():
+            if not isinstance(self.meta.get(key), kind):
+                what = "lacks" if key not in self.meta else f"has a {type(self.meta[key]).__name__} as"
+                raise CheckpointError(
+                    f"{meta_path} {what} '{key}' (a {kind.__name__ if isinstance(kind, type) else 'number'} is "
+                    f"required): the checkpoint is damaged or was not written by megagpt"
+                )
         self._files: dict[str, dict] = {}
         self._index: dict[tuple[str, str], list[tuple[str, int]]] | None = None
 

@@ -28,6 +28,7 @@ class MetricsWriter:
         """resume_step: a run resumed from a checkpoint of that step continues metrics.jsonl, dropping the rows
         of later steps (written by an earlier run after its last checkpoint); otherwise the file starts anew."""
         self.total_steps = total_steps
+        self.first_step = resume_step or 0  # elapsed_s counts from this run's start, after this step
         path = run_dir / "metrics.jsonl"
         kept = []
         if resume_step is not None and path.exists():
@@ -70,7 +71,8 @@ class MetricsWriter:
         if "val_loss" in row:
             parts.append(f"val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.1f})")
         elapsed = row["elapsed_s"]
-        eta = elapsed / step * (self.total_steps - step) if step else 0.0
+        done = step - self.first_step  # steps this run took in `elapsed`
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else 0.0
         parts += [f"elapsed {_clock(elapsed)}", f"eta {_clock(eta)}"]
         return " | ".join(parts)
 

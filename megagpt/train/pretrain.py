@@ -29,6 +29,7 @@ from megagpt.train.checkpoint_format import SavedCheckpoint
 from megagpt.train.loss_scaler import LossScaler
 from megagpt.train.metrics import MetricsWriter
 from megagpt.train.optimizer import MainParamOptimizer
+from megagpt.train.run_folders import RunFolders, hold_run_folders
 from megagpt.train.schedules import total_train_samples
 from megagpt.train.trainer import Trainer, TrainState, read_batch
 
@@ -61,11 +62,28 @@ def build_data(cfg: Config):
     return train, valid
 
 
+def keep_earlier_run(run_dir: Path) -> None:
+    """A run that starts afresh in a logging.dir an earlier run wrote into moves that run's metrics.jsonl and
+    config.yaml aside (metrics.STAMP.jsonl, config.STAMP.yaml, stamped with when it last wrote) instead of
+    overwriting them."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists() or metrics.stat().st_size == 0:
+        return
+    stamp = datetime.datetime.fromtimestamp(metrics.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+    for path in (metrics, run_dir / "config.yaml"):
+        if path.exists():
+            aside = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+            path.rename(aside)
+            get_logger().info(f"an earlier run's {path.name} in {run_dir} is kept as {aside.name}")
+
+
 def open_run_folder(cfg: Config, resume_step: int | None = None) -> MetricsWriter:
     """logging.dir with the resolved config.yaml, and the writer of metrics.jsonl and TensorBoard events."""
     run_dir = Path(cfg.logging.dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            keep_earlier_run(run_dir)
         dump_config(cfg, run_dir / "config.yaml")
         return MetricsWriter(run_dir, cfg.logging.tensorboard, cfg.train.iters, resume_step)
     except OSError as e:
@@ -187,10 +205,19 @@ def ensure_same_config(cfg: Config, ctx: ParallelContext) -> None:
 
 
 def pretrain(cfg: Config, ctx: ParallelContext) -> TrainState:
-    log = get_logger()
     ensure_same_config(cfg, ctx)
     if ctx.device.type == "cuda":
         configure_tf32(cfg.train.allow_tf32)
+    resume_from = resolve_load(cfg, ctx)
+    folders = hold_run_folders(cfg, ctx, resume_from)  # before anything is written; released at the end
+    try:
+        return _pretrain(cfg, ctx, resume_from, folders)
+    finally:
+        folders.release()
+
+
+def _pretrain(cfg: Config, ctx: ParallelContext, resume_from: Path | None, folders: RunFolders) -> TrainState:
+    log = get_logger()
     # The first rank builds the sample-index caches; the others then load them instead of racing to write.
     if ctx.rank == 0:
         train_data, valid_data = build_data(cfg)
@@ -199,10 +226,9 @@ def pretrain(cfg: Config, ctx: ParallelContext) -> TrainState:
         train_data, valid_data = build_data(cfg)
 
     prepare_fused_kernels(cfg, ctx)
-    resume_from = resolve_load(cfg, ctx)
     resume_step = SavedCheckpoint(resume_from).step if resume_from is not None else None
     metrics = open_run_folder(cfg, resume_step) if ctx.is_logging_rank else None
-    checkpointer = Checkpointer(cfg, ctx) if cfg.checkpoint.dir else None
+    checkpointer = Checkpointer(cfg, ctx, clear_stale=folders.locked) if cfg.checkpoint.dir else None
     trainer = build_trainer(cfg, ctx, train_data, valid_data, metrics, checkpointer)
     if resume_from is not None:
         load_checkpoint(trainer, resume_from)
@@ -224,6 +250,11 @@ def pretrain(cfg: Config, ctx: ParallelContext) -> TrainState:
     )
     if metrics is not None:
         log.info(f"run folder {cfg.logging.dir}: config.yaml, metrics.jsonl" + (", TensorBoard" if metrics.tb else ""))
+    if ctx.rank == 0 and cfg.model.qkv_bias and "local" in cfg.model.attention_pattern:
+        log.warning(
+            "this model will not export to Hugging Face: GPT-Neo (its model for local attention layers) has no query "
+            "bias; train with model.qkv_bias=false to keep tools/convert_to_hf.py open"
+        )
 
     if checkpointer is not None:
         checkpointer.install_signal_handlers()  # SIGTERM / SIGUSR1: save at the next step boundary and stop

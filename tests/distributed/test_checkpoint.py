@@ -171,13 +171,14 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_loadable(tmp
     assert outcome[1] == DIED and outcome[0].startswith("failed")
     ck = tmp_path / "ck"
     assert (ck / "latest").read_text().strip() == "step_00000002"
-    assert (ck / "step_00000004.tmp").is_dir() and not (ck / "step_00000004").exists()
+    (left,) = ck.glob("step_00000004.tmp-*")  # named after the run's rank 0 (host-pid): no other run shares it
+    assert left.is_dir() and not (ck / "step_00000004").exists()
     assert latest_checkpoint(ck, required=True) == ck / "step_00000002"
     assert SavedCheckpoint(ck / "step_00000002").step == 2
     # Resuming (here in one process: dp 2 -> 1) trains steps 3 and 4 and saves step 4 over the broken attempt.
     resumed = single(tmp_path / "again", f"checkpoint.dir={ck}", "checkpoint.load=auto", steps=4)
     assert len(resumed) == 2
-    assert (ck / "latest").read_text().strip() == "step_00000004" and not (ck / "step_00000004.tmp").exists()
+    assert (ck / "latest").read_text().strip() == "step_00000004" and not left.exists()  # cleared under the lock
 
 
 def corrupt_file_world(rank, world_size, root):

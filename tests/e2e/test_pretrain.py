@@ -280,3 +280,17 @@ def test_written_config_is_the_resolved_one(tmp_path):
     run_in_process(tmp_path, "train.iters=1", "optim.lr=2e-3", "optim.warmup_iters=0")
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert written["optim"]["lr"] == 2e-3 and written["model"]["hidden_size"] == 64
+
+
+def test_a_peer_that_never_joins_the_rendezvous_is_one_sentence(tmp_path):
+    """Rank 0 of 2 started alone (as torchrun would start it): after parallel.timeout_s it says who it waited for,
+    where, and how many came, instead of a DistStoreError traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29613"}  # fmt: skip
+    cmd = [sys.executable, str(REPO / "launcher/pretrain.py"), "--config", str(REPO / "configs/tiny-cpu.yaml"),
+           "parallel.timeout_s=3", "train.global_batch_size=8", f"logging.dir={tmp_path / 'run'}"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "rank 0 of a world of 2 could not meet the other ranks at 127.0.0.1:29613 within 3s" in result.stderr
+    assert "1 of 2 ranks joined" in result.stderr

@@ -29,6 +29,11 @@ def run(tmp_path, name, *overrides):
     return pretrain(cfg, ParallelContext.single_process())
 
 
+def listing(folder):
+    """What a checkpoint folder holds, besides the run's lock file (train/run_folders.py)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".megagpt.lock")
+
+
 def losses(state):
     return [row["loss"] for row in state.history]
 
@@ -63,7 +68,7 @@ def test_bf16_resume_keeps_the_fp32_main_weights(tmp_path):
 
 def test_only_the_newest_k_checkpoints_are_kept(tmp_path):
     run(tmp_path, "r", "checkpoint.save_interval=1", "checkpoint.keep=2", f"checkpoint.dir={tmp_path / 'ck'}")
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["latest", "step_00000005", "step_00000006"]
+    assert listing(tmp_path / "ck") == ["latest", "step_00000005", "step_00000006"]
     assert (tmp_path / "ck" / "latest").read_text().strip() == "step_00000006"
 
 
@@ -103,6 +108,31 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_differences(saved, tm
     assert "was saved for another model" in message
     assert "model.num_layers: checkpoint 4, config 2" in message
     assert "model.hidden_size: checkpoint 64, config 128" in message
+
+
+def test_a_checkpoint_with_other_local_layers_is_refused(saved, tmp_path):
+    """Which layers are local and how far they see change what the weights compute: a resume must match them."""
+    with pytest.raises(CheckpointError) as info:
+        load_into_fresh_run(tmp_path, saved, "model.attention_pattern=[local,dense]", "model.local_window=8")
+    assert "model.attention_pattern: checkpoint ['dense', 'local'], config ['local', 'dense']" in str(info.value)
+    assert "model.local_window: checkpoint 16, config 8" in str(info.value)
+
+
+def test_damaged_metadata_and_a_file_for_a_folder_are_named(saved, tmp_path):
+    with pytest.raises(CheckpointError, match="rank_00000.pt is a file; give a checkpoint folder"):
+        load_into_fresh_run(tmp_path, saved / "rank_00000.pt")
+    meta = json.loads((saved / "metadata.json").read_text())
+    for key, broken in (("consumed_samples", None), ("files", []), ("step", "2")):
+        damaged = {k: v for k, v in meta.items() if k != key or broken is not None}
+        if broken is not None:
+            damaged[key] = broken
+        (saved / "metadata.json").write_text(json.dumps(damaged))
+        what = "lacks" if broken is None else f"has a {type(broken).__name__} as"
+        with pytest.raises(CheckpointError, match=f"metadata.json {what} '{key}' .* the checkpoint is damaged"):
+            load_into_fresh_run(tmp_path, saved)
+    (saved / "metadata.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="holds a list, not an object"):
+        load_into_fresh_run(tmp_path, saved)
 
 
 def test_a_checkpoint_file_that_would_run_code_is_refused(saved, tmp_path):
@@ -221,7 +251,7 @@ def test_after_resuming_from_an_older_checkpoint_pruning_keeps_the_new_ones(tmp_
         f"checkpoint.dir={ck}",
         f"checkpoint.load={ck / 'step_00000003'}",
     )
-    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000004", "step_00000006"]
+    assert listing(ck) == ["latest", "step_00000004", "step_00000006"]
     assert (ck / "latest").read_text().strip() == "step_00000004"
     resumed = run(tmp_path, "auto", "train.iters=5", f"checkpoint.dir={ck}", "checkpoint.load=auto")
     assert [row["step"] for row in resumed.history] == [5]
@@ -286,4 +316,33 @@ def test_old_checkpoints_are_deleted_off_the_training_thread(tmp_path, monkeypat
     assert saves_done[2] == ("step_00000003", [])  # step 3's save returned before step 1 was deleted
     assert [name for name, _ in deleted] == ["step_00000001", "step_00000002"]
     assert {thread for _, thread in deleted} == {"megagpt-prune"}
-    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+    assert listing(ck) == ["latest", "step_00000003", "step_00000004"]
+
+
+def test_a_full_disk_during_a_save_names_the_checkpoint_and_the_intact_one(tmp_path, monkeypatch):
+    import errno
+
+    from megagpt.train import checkpoint
+
+    real_write, calls = checkpoint.write_rank_file, []
+
+    def fill_the_disk(payload, path):
+        calls.append(path)
+        if len(calls) == 3:
+            path.write_bytes(b"partial")
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as e:  # as torch.save reports it: a RuntimeError over the OSError
+                raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from e
+        real_write(payload, path)
+
+    monkeypatch.setattr(checkpoint, "write_rank_file", fill_the_disk)
+    ck = tmp_path / "ck"
+    with pytest.raises(CheckpointError) as info:
+        run(tmp_path, "r", "checkpoint.save_interval=1", "checkpoint.keep=5", f"checkpoint.dir={ck}")
+    message = str(info.value)
+    assert f"checkpoint {ck / 'step_00000003'} could not be saved (rank 0 could not write its file: No space" in message
+    assert "GiB are free there); its partial files were removed" in message
+    assert f"the newest intact checkpoint is {ck / 'step_00000002'}" in message
+    assert listing(ck) == ["latest", "step_00000001", "step_00000002"]
+    assert SavedCheckpoint(ck / "step_00000002").step == 2

@@ -61,6 +61,22 @@ def test_degenerate_layouts_are_sentences_not_crashes():
 def test_missing_config_file_is_one_sentence(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder; pass a YAML file"):
+        load_config(tmp_path)
+
+
+def test_unreadable_or_ambiguous_config_files_are_one_sentence(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"preset: tiny-cpu\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xe9 at offset 22\); save it as UTF-8"):
+        load_config(latin1)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("preset: tiny-cpu\ntrain:\n  iters: 3\n  iters: 5\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: key 'iters' appears twice in one mapping \(lines 3 and 4\)"):
+        load_config(twice)
+    once = tmp_path / "once.yaml"
+    once.write_text("preset: tiny-cpu\ntrain:\n  iters: 3\nmodel:\n  dropout: 0.1\n")
+    assert load_config(once).train.iters == 3
 
 
 def _problems(*overrides, world_size=1):
@@ -98,6 +114,7 @@ def test_validate_names_every_offending_value():
         ("parallel.grad_bucket_mb=0", "parallel.grad_bucket_mb=0.0 must be positive"),
         ("checkpoint.save_interval=10", "checkpoint.save_interval needs checkpoint.dir"),
         ("data.synthetic=false", "data.path is not set"),
+        ("data.path=corpus", "data.path=corpus is set but data.synthetic=true would train on random tokens"),
     ],
 )
 def test_validate_rejects_impossible_values(override, expected):

@@ -110,6 +110,9 @@ def test_the_tools_print_and_refuse():
     assert report["layout"]["world_size"] == 1024 and report["memory_per_gpu_bytes"]["total_bytes"] < 80e9
     bad = subprocess.run(cmd[:-1] + ["--tp", "7"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "does not divide" in bad.stderr
+    for tokens in ("-5", "0", "nan"):
+        negative = subprocess.run(cmd + ["--tokens", tokens], capture_output=True, text=True, env=env, timeout=120)
+        assert negative.returncode == 2 and "must be a positive token budget" in negative.stderr, negative.stderr
     dry = subprocess.run(
         [sys.executable, str(REPO / "launcher/pretrain.py"), "--config", str(REPO / "configs/gpt3-175b.yaml"),
          "--dry-run", "--world-size", "1024", *GPT3_175B, "--meta-ranks", "0,1023"],

@@ -133,6 +133,21 @@ def test_empty_split_asked_for_samples(corpus, tmp_path):
         make(indexed, (3, 4), name="test", cache_dir=tmp_path)  # document 3 is empty
 
 
+def test_a_split_shorter_than_one_sample_is_refused_and_repeats_are_said_every_run(corpus, tmp_path, caplog):
+    indexed, docs = corpus
+    short = next(d for d, doc in enumerate(docs) if 0 < len(doc) <= SEQ)
+    with pytest.raises(DataError, match=rf"holds {len(docs[short])} tokens, fewer than one sample of seq_length \+ 1"):
+        make(indexed, (short, short + 1), cache_dir=tmp_path)
+    tokens = sum(len(doc) for doc in docs)
+    epochs = -(-(200 * SEQ + 1) // tokens)
+    assert epochs > 1
+    for _ in range(2):  # built, then loaded from the cache: said both times
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            make(indexed, cache_dir=tmp_path)
+        assert f"({tokens} tokens) is read {epochs} times over for its 200 samples" in caplog.text
+
+
 def test_blend_realizes_weights():
     parts = [SyntheticDataset(10_000, 4, 100, seed=s) for s in range(3)]
     blend = BlendedDataset(parts, [5, 3, 2], 10_000, seed=0)  # weights are normalized

@@ -177,6 +177,9 @@ def test_missing_files_are_named(tmp_path):
     assert result.returncode == 2 and "not supported" in result.stderr and "Traceback" not in result.stderr
     missing = run_tool("convert_to_hf.py", "--load", tmp_path / "nowhere", "--out", tmp_path / "hf")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "gpt2", "n_embd": 6\xff}')
+    with pytest.raises(ConversionError, match="config.json is not a JSON file .*the model folder is damaged"):
+        hf_folder_to_checkpoint(tmp_path, tmp_path / "ck")
 
 
 def run_tool(name, *args):
@@ -204,6 +207,8 @@ def test_the_tools_end_to_end(tmp_path):
     assert ids == want[0].tolist()
     back = run_tool("convert_to_hf.py", "--load", tmp_path / "ck", "--out", tmp_path / "hf2")
     assert back.returncode == 0, back.stderr[-2000:]
+    over = run_tool("convert_to_hf.py", "--load", tmp_path / "ck", "--out", tmp_path / "hf")  # a model is there
+    assert over.returncode == 2 and "already holds config.json, model.safetensors" in over.stderr, over.stderr
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
     x = tokens()
     with torch.no_grad():
@@ -286,3 +291,45 @@ def test_the_loss_pass_computes_no_gradients_under_no_grad():
     chunk_logits, weight_gradient = 128 * 8192 * 4, 8192 * 64 * 4
     assert tracker.peak < chunk_logits + weight_gradient // 2  # one chunk's logits, no (V, h) weight gradient
     assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(x @ weight.t(), labels).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["gpt3-125m", "gpt3-1.3b", "gpt3-175b"])
+def test_the_gpt3_presets_export_to_hugging_face(preset):
+    """A GPT-3 preset's layers, at a size a test can build: no query bias, so GPT-Neo can hold them (its random
+    init has non-zero biases everywhere else, which a preset with qkv biases would carry into the query)."""
+    from megagpt.config import config_from_dict
+    from megagpt.hf import to_hf
+    from megagpt.model.gpt import GPT
+    from megagpt.parallel.context import Group
+
+    shrink = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_length=64",
+              "model.max_position_embeddings=64", "model.local_window=16", "model.vocab_size=1000"]  # fmt: skip
+    cfg = config_from_dict({"preset": preset}, shrink)
+    assert cfg.model.qkv_bias is False and "local" in cfg.model.attention_pattern
+    model = GPT(cfg.model, Group.solo(), init_seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # every bias non-zero
+    config, state = to_hf({n: p.detach() for n, p in model.named_parameters()}, cfg.to_dict()["model"])
+    assert type(config).__name__ == "GPTNeoConfig" and state
+
+
+@pytest.mark.parametrize("make", [hf_gpt2, hf_gpt_neo])
+def test_a_config_that_disagrees_with_the_weights_is_named_and_a_training_folder_is_refused(make, tmp_path):
+    model = make()
+    model.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    wide = "n_embd" if config["model_type"] == "gpt2" else "hidden_size"
+    config[wide] = 128  # the weights are 64 wide
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    result = run_tool("convert_from_hf.py", "--hf", tmp_path / "hf", "--out", tmp_path / "ck")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "transformer.wte.weight has shape [1000, 64] but the Hugging Face config says [1000, 128]" in result.stderr
+    assert not (tmp_path / "ck").exists()
+    # Converting into a folder that holds a training run's checkpoints would repoint its latest: refused.
+    model.save_pretrained(tmp_path / "hf")
+    assert run_tool("convert_from_hf.py", "--hf", tmp_path / "hf", "--out", tmp_path / "ck").returncode == 0
+    latest = (tmp_path / "ck" / "latest").read_text()
+    again = run_tool("convert_from_hf.py", "--hf", tmp_path / "hf", "--out", tmp_path / "ck")
+    assert again.returncode == 2 and "already holds 1 checkpoint(s) (newest step_00000000)" in again.stderr
+    assert (tmp_path / "ck" / "latest").read_text() == latest

@@ -125,3 +125,15 @@ def test_unigram_entropy_of_known_distributions():
     assert unigram_entropy(np.array([3, 3, 3])) == 0.0
     assert unigram_entropy(np.array([0, 1, 2, 3] * 5)) == pytest.approx(np.log(4))
     assert unigram_entropy(np.array([0, 1, 2, 3] * 5), chunk_tokens=3) == pytest.approx(np.log(4))
+
+
+def test_an_input_without_documents_is_refused_and_the_old_dataset_stays(tmp_path):
+    (tmp_path / "full.txt").write_text("Some text.\n")
+    assert preprocess_cli("--input", "full.txt", "--output-prefix", "p", cwd=tmp_path).returncode == 0
+    before = (tmp_path / "p.bin").read_bytes(), (tmp_path / "p.idx").read_bytes()
+    (tmp_path / "empty.jsonl").write_text("")
+    result = preprocess_cli("--input", "empty.jsonl", "--output-prefix", "p", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "the input holds no text (0 documents, 0 tokens), so nothing was written" in result.stderr
+    assert ((tmp_path / "p.bin").read_bytes(), (tmp_path / "p.idx").read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "full.txt", "p.bin", "p.idx"]

@@ -48,3 +48,18 @@ def test_parameter_formula_counts_the_real_module(name):
 
 def test_tiny_presets_exist():
     assert {"tiny-cpu", "demo-cpu"} <= set(PRESETS)
+
+
+def test_a_model_that_cannot_be_exported_says_so_at_launch(tmp_path, caplog):
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.train.pretrain import pretrain
+
+    base = ["train.iters=1", "train.eval_iters=0", "logging.tensorboard=false", "logging.memory_report=false"]
+    for qkv_bias, warned in (("true", True), ("false", False)):
+        caplog.clear()
+        cfg = config_from_dict(
+            {"preset": "tiny-cpu"}, [*base, f"model.qkv_bias={qkv_bias}", f"logging.dir={tmp_path / qkv_bias}"]
+        )
+        with caplog.at_level("WARNING"):
+            pretrain(cfg, ParallelContext.single_process())
+        assert ("this model will not export to Hugging Face" in caplog.text) == warned
