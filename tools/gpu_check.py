@@ -15,7 +15,8 @@ the rest still run; a step that would not fit in what is left of the budget is s
     attention_bench  bench/attention.py at s=2048, w=256: Flex and blocked local attention against dense
     tiny_training    the tiny preset on CUDA in bf16 with dropout 0.1, recompute none / selective / full, an eval
                      at step 10: finite, falling loss; identical gradients for none and selective (same seed)
-    nccl_one_rank    a one-rank NCCL group: batch_isend_irecv, in-place reduce-scatter and all-gather
+    nccl_one_rank    a one-rank NCCL group: in-place reduce-scatter and all-gather (batch_isend_irecv needs a
+                     peer: torch refuses a send to oneself, NCCL two ranks on one GPU; multi_gpu runs it)
     fused_kernels    bench/fused_kernels.py: GB/s against copy bandwidth, against torch (and apex)
     throughput_1.3b  bench/train_throughput.py --preset gpt3-1.3b: MFU against the measured bf16 matmul peak
     throughput_peers bench/train_throughput.py (a small GPT-2): tokens/s against transformers in the same run
@@ -355,31 +356,44 @@ def step_attention_bench(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def tiny_training_config(run_dir: Path, recompute: str, *extra: str):
+def counting_corpus(folder: Path) -> Path:
+    """A corpus a tiny model learns within 20 steps (runs of consecutive token ids), written where the check runs:
+    random tokens (data.synthetic) cannot show a falling loss, and the lent machine has no internet for a corpus."""
+    import numpy as np
+
+    from megagpt.data.indexed_dataset import write_indexed_dataset
+
+    documents = [(np.arange(300) + 7 * d) % 500 for d in range(200)]
+    return write_indexed_dataset(folder / "counting", documents, np.uint16)
+
+
+def tiny_training_config(run_dir: Path, recompute: str, data_prefix: Path, device: str = "cuda", *extra: str):
     from megagpt.config import config_from_dict
 
     return config_from_dict(
         {"preset": "tiny-cpu"},
         [
-            "train.device=cuda", "train.precision=bf16", "model.dropout=0.1", f"parallel.recompute={recompute}",
+            f"train.device={device}", "train.precision=bf16", "model.dropout=0.1", f"parallel.recompute={recompute}",
             "train.iters=20", "train.eval_interval=10", "train.eval_iters=2", "logging.log_interval=5",
-            "logging.tensorboard=false", "data.synthetic=true", f"logging.dir={run_dir}", "optim.warmup_iters=2",
-            "optim.lr=3e-3", *extra,
+            "logging.tensorboard=false", "data.synthetic=false", f"data.path={data_prefix}",
+            f"logging.dir={run_dir}", "optim.warmup_iters=2", "optim.lr=3e-3", *extra,
         ],
     )  # fmt: skip
 
 
-def step_tiny_training(folder: Path) -> dict:
+def step_tiny_training(folder: Path, device_name: str = "cuda") -> dict:
     import torch
 
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
     from megagpt.train.pretrain import build_trainer, pretrain
 
-    device = torch.device("cuda", 0)
+    device = torch.device(device_name, 0) if device_name == "cuda" else torch.device(device_name)
+    corpus = counting_corpus(folder)
     metrics, problems = {}, []
     for recompute in ("none", "selective", "full"):
-        state = pretrain(tiny_training_config(folder / recompute, recompute), ParallelContext.single_process(device))
+        cfg = tiny_training_config(folder / recompute, recompute, corpus, device_name)
+        state = pretrain(cfg, ParallelContext.single_process(device))
         losses = [row["loss"] for row in state.history]
         evals = [row["step"] for row in state.history if "val_loss" in row]
         metrics[recompute] = {"losses": losses, "eval_steps": evals, "val_loss": state.history[-1].get("val_loss")}
@@ -389,7 +403,7 @@ def step_tiny_training(folder: Path) -> dict:
             problems.append(f"recompute={recompute}: no evaluation at step 10 ({evals})")
 
     def gradients(recompute):
-        cfg = tiny_training_config(folder / "grads", recompute)
+        cfg = tiny_training_config(folder / "grads", recompute, corpus, device_name)
         data = SyntheticDataset(64, cfg.model.seq_length, cfg.model.vocab_size, seed=5)
         torch.manual_seed(cfg.train.seed)
         trainer = build_trainer(cfg, ParallelContext.single_process(device), data, None, None)
@@ -400,7 +414,7 @@ def step_tiny_training(folder: Path) -> dict:
         return max((a[n] - b[n]).abs().max().item() for n in a)
 
     none = gradients("none")
-    noise = largest_difference(none, gradients("none"))  # the GPU's own run-to-run nondeterminism
+    noise = largest_difference(none, gradients("none"))  # the device's own run-to-run nondeterminism
     selective = largest_difference(none, gradients("selective"))
     metrics["gradients"] = {"none_vs_none_max_abs": noise, "none_vs_selective_max_abs": selective}
     if selective > noise:
@@ -426,16 +440,8 @@ def step_nccl_one_rank(folder: Path) -> dict:
         dist.all_gather_into_tensor(full, full[:8])
         torch.cuda.synchronize()
         metrics["in_place_reduce_scatter_all_gather"] = full.tolist() == list(range(8))
-        # batch_isend_irecv's work handles: torch refuses a p2p to oneself, so say what this torch does.
-        send, recv = torch.ones(4, device=device), torch.zeros(4, device=device)
-        try:
-            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, 0), dist.P2POp(dist.irecv, recv, 0)])
-            for work in works:
-                work.wait()
-            torch.cuda.synchronize()
-            metrics["batch_isend_irecv"] = {"works_returned": len(works), "delivered": recv.tolist() == send.tolist()}
-        except (ValueError, RuntimeError) as e:
-            metrics["batch_isend_irecv"] = f"not on one rank: {str(e).splitlines()[0]} (multi_gpu exercises it)"
+        # batch_isend_irecv needs a peer: torch refuses a send to oneself, and NCCL two ranks on one GPU.
+        metrics["batch_isend_irecv"] = "needs 2 GPUs (multi_gpu runs the pipeline's batched p2p on NCCL)"
     finally:
         dist.destroy_process_group()
     if metrics["in_place_reduce_scatter_all_gather"] is not True:

@@ -111,12 +111,22 @@ def test_the_report_reads_the_goals_from_the_benches(tmp_path):
     assert "Output (last lines):" in markdown and "step 3" in markdown
 
 
-def test_the_steps_configs_validate():
-    folder = REPO / "runs" / "unused"
+def test_the_steps_configs_validate(tmp_path):
     for recompute in ("none", "selective", "full"):
-        cfg = gpu_check.tiny_training_config(folder, recompute)
+        cfg = gpu_check.tiny_training_config(tmp_path, recompute, tmp_path / "corpus")
         assert (cfg.train.device, cfg.train.precision, cfg.model.dropout) == ("cuda", "bf16", 0.1)
         assert cfg.train.eval_interval == 10 and cfg.train.iters > 10
     for layout in gpu_check.MULTI_GPU_LAYOUTS.values():
         cfg = config_from_dict({"preset": "tiny-cpu"}, ["train.device=cuda", *layout])
         validate(cfg, world_size=2)
+
+
+def test_the_tiny_training_step_passes_where_it_can_run(tmp_path):
+    """The step's own logic, on the CPU: its corpus is learnable (falling loss), every recompute mode evaluates at
+    step 10, and selective's gradients equal none's. On a GPU the same function runs on CUDA."""
+    metrics = gpu_check.step_tiny_training(tmp_path, "cpu")
+    assert "failed" not in metrics, metrics["failed"]
+    for recompute in ("none", "selective", "full"):
+        losses = metrics[recompute]["losses"]
+        assert losses[-1] < losses[0] - 0.5 and metrics[recompute]["eval_steps"] == [10, 20]
+    assert metrics["gradients"]["none_vs_selective_max_abs"] <= metrics["gradients"]["none_vs_none_max_abs"]
