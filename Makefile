@@ -29,10 +29,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The prepared check for a lent GPU (tools/gpu_check.py): at most 8 minutes, report in runs/gpu-check/. It uses the
-# machine's own Python and torch when there is no .venv (GPU machines come with their CUDA torch, often offline).
+# The prepared check for a lent GPU (tools/gpu_check.py): at most 8 minutes, report in runs/gpu-check/. It runs
+# with the first of .venv and the machine's python3 whose torch sees a GPU (make setup pins a CPU torch; GPU
+# machines come with their CUDA torch, often offline), else with .venv.
+GPU_PY = $(or $(shell for p in $(PY) $(PYTHON); do $$p -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null && echo $$p && break; done),$(PY))
 gpu-check:
-	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/gpu_check.py --out runs/gpu-check
+	$(GPU_PY) tools/gpu_check.py --out runs/gpu-check
 
 lint: setup
 	$(VENV)/bin/ruff check .

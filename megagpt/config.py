@@ -81,7 +81,7 @@ class TrainConfig:
         "fp32", "compute dtype of the model; the optimizer keeps fp32 main weights and fp32 gradients"
     )
     allow_tf32: bool = option(
-        True, "fp32 matmuls and convolutions on GPU in TF32 (Ampere or newer), as Megatron and torchtitan do; not CPU"
+        True, "fp32 matmuls on GPU in TF32 (Ampere or newer), as Megatron and torchtitan do; no effect on CPU runs"
     )
     loss_scale: float | None = option(None, "fp16: a fixed loss scale; null means the dynamic scaler below")
     initial_loss_scale: float = option(2.0**32, "fp16: the dynamic loss scale to start from")

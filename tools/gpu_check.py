@@ -53,17 +53,18 @@ class Step:
     what: str = ""
 
 
+# In the order they run: the goals' benches early, so a slow step later cannot starve them of the budget.
 STEPS = [
     Step("versions", 60, 0, "versions of torch, CUDA, nvcc, Triton; the device"),
-    Step("kernel_build", 240, 1, "build megagpt's CUDA kernels"),
-    Step("gpu_tests", 300, 1, "pytest tests/gpu"),
-    Step("flash_dropout", 60, 1, "dense bf16 attention with dropout under Flash"),
-    Step("attention_bench", 120, 1, "Flex and blocked local attention against dense, s=2048, w=256"),
-    Step("tiny_training", 180, 1, "tiny preset on CUDA: bf16, dropout, recompute, eval"),
-    Step("nccl_one_rank", 60, 1, "one-rank NCCL group"),
-    Step("fused_kernels", 120, 1, "bench/fused_kernels.py"),
-    Step("throughput_1.3b", 240, 1, "bench/train_throughput.py --preset gpt3-1.3b"),
-    Step("throughput_peers", 120, 1, "bench/train_throughput.py against transformers"),
+    Step("kernel_build", 180, 1, "build megagpt's CUDA kernels"),
+    Step("fused_kernels", 60, 1, "bench/fused_kernels.py"),
+    Step("attention_bench", 90, 1, "Flex and blocked local attention against dense, s=2048, w=256"),
+    Step("throughput_1.3b", 150, 1, "bench/train_throughput.py --preset gpt3-1.3b"),
+    Step("flash_dropout", 30, 1, "dense bf16 attention with dropout under Flash"),
+    Step("tiny_training", 90, 1, "tiny preset on CUDA: bf16, dropout, recompute, eval"),
+    Step("nccl_one_rank", 30, 1, "one-rank NCCL group"),
+    Step("gpu_tests", 240, 1, "pytest tests/gpu"),
+    Step("throughput_peers", 90, 1, "bench/train_throughput.py against transformers"),
     Step("multi_gpu", 240, 2, "torchrun: pp=2 vpp 1/2, tp=2 sp, dp=2 zero=1"),
 ]
 STEP_NAMES = [s.name for s in STEPS]
@@ -114,7 +115,7 @@ def gpu_count() -> int:
 
 def run_step(step: Step, out: Path, limit_s: float) -> StepResult:
     """Run one step as a child process with a time limit; its result.json holds its metrics."""
-    folder = out / step.name
+    folder = out.resolve() / step.name  # the child runs in the repository root
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RESULT).unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step.name, "--out", str(folder)]
@@ -155,7 +156,7 @@ def run_check(args) -> list[StepResult]:
         if step.needs_gpus > gpus:
             reason = "no CUDA device is visible" if gpus == 0 else f"needs {step.needs_gpus} GPUs, {gpus} visible"
             results.append(StepResult(step.name, "skipped", reason=reason))
-        elif left < min(step.limit_s, 30):
+        elif left < step.limit_s / 2:  # a step started with less would most likely time out
             results.append(StepResult(step.name, "skipped", reason=f"out of time ({left:.0f}s of the budget left)"))
         else:
             print(f"gpu-check: {step.name} ({step.what}) ...", flush=True)
@@ -265,6 +266,21 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+def run_in_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """run() in a process group of its own, killed whole at the timeout (torchrun's workers hold the GPUs)."""
+    print("$", " ".join(cmd), flush=True)
+    child = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)  # fmt: skip
+    try:
+        out, _ = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, 9)
+        out, _ = child.communicate()
+        out += f"\n(killed after {timeout:.0f}s)"
+    print(out, flush=True)
+    return subprocess.CompletedProcess(cmd, child.returncode, out, "")
+
+
 def step_versions(folder: Path) -> dict:
     import importlib.metadata
 
@@ -304,6 +320,7 @@ def step_kernel_build(folder: Path) -> dict:
     cuda_kernels()
     where = build_folder(CUDA_KERNELS)
     built = json.loads((where / "BUILD_OK").read_text())
+    built = {f"first_build_{key}": value for key, value in built.items()}
     return {"seconds": round(time.monotonic() - start, 1), "folder": str(where), "arch": cuda_arch_list(), **built}
 
 
@@ -417,7 +434,7 @@ def step_tiny_training(folder: Path, device_name: str = "cuda") -> dict:
     noise = largest_difference(none, gradients("none"))  # the device's own run-to-run nondeterminism
     selective = largest_difference(none, gradients("selective"))
     metrics["gradients"] = {"none_vs_none_max_abs": noise, "none_vs_selective_max_abs": selective}
-    if selective > noise:
+    if selective > 2 * noise + 1e-6:  # CUDA's atomics differ run to run: allow twice the measured noise
         problems.append(f"selective recompute's gradients differ from none's by {selective:.3g} (noise {noise:.3g})")
     if problems:
         metrics["failed"] = "; ".join(problems)
@@ -488,7 +505,7 @@ def step_multi_gpu(folder: Path) -> dict:
         cmd += ["launcher/pretrain.py", "--config", "configs/tiny-cpu.yaml", "train.device=cuda"]
         cmd += ["train.precision=bf16", "train.iters=10", "logging.log_interval=5", "data.synthetic=true"]
         cmd += ["train.eval_interval=5", "train.eval_iters=1", f"logging.dir={run_dir}", *layout]
-        result = run(cmd, timeout=110)
+        result = run_in_group(cmd, timeout=55)
         rows = []
         if (run_dir / "metrics.jsonl").exists():
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -514,7 +531,7 @@ CHILD_STEPS = {
     "throughput_peers": step_throughput_peers,
     "multi_gpu": step_multi_gpu,
 }
-assert list(CHILD_STEPS) == STEP_NAMES
+assert set(CHILD_STEPS) == set(STEP_NAMES)
 
 
 if __name__ == "__main__":

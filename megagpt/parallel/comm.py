@@ -150,7 +150,7 @@ def broadcast(x: torch.Tensor, src_index: int, group: Group) -> torch.Tensor:
 
 def batch_send_recv(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tensor, int, int]]) -> list:
     """Post point-to-point sends and receives, each (tensor, global peer rank, tag), as one batched isend/irecv.
-    Returns the work handles (sends first); the caller waits on them (pipeline.py, with its timeout)."""
+    Returns the work handles: one per operation (gloo) or one for the whole batch (NCCL); the caller waits on all."""
     ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for t, peer, tag in sends]
     ops += [dist.P2POp(dist.irecv, t, peer, tag=tag) for t, peer, tag in recvs]
     for t, _, _ in sends:

@@ -194,8 +194,6 @@ def save_checkpoint(
     beyond the newest `keep` (and, with clear_stale, temporaries killed saves left): in the pruner's thread when
     given one, else before returning."""
     ctx, cfg = trainer.ctx, trainer.cfg
-    if pruner is not None:
-        pruner.wait()  # the last save's prune is done before this save's folders appear
     root = Path(root)
     step = trainer.state.step
     final, tmp = root / step_folder(step), root / f"{step_folder(step)}.tmp-{run_tag}"
@@ -255,9 +253,9 @@ def save_checkpoint(
         publish(tmp, final)
         write_text_atomically(root / LATEST, final.name + "\n")
         if pruner is not None:
-            pruner.start(root, keep, final, clear_stale)
+            pruner.start(root, keep, final, clear_stale, run_tag)
         else:
-            prune(root, keep, final, clear_stale)
+            prune(root, keep, final, clear_stale, run_tag)
     barrier(ctx.world_group)
     get_logger().info(f"saved checkpoint {final} in {time.perf_counter() - start:.1f}s")
     return final
@@ -352,43 +350,54 @@ def delete_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def prune(root: Path, keep: int, current: Path, clear_stale: bool = True) -> None:
+def prune(root: Path, keep: int, current: Path, clear_stale: bool = True, run_tag: str | None = None) -> None:
     """Keep the newest `keep` published checkpoints (by publish time, so that after resuming from an older one
     the checkpoints of the abandoned run go first, never the one just written). With clear_stale (the run holds
     the folder's lock, so no other run is saving there) also delete the temporaries of killed saves."""
     for old in complete_checkpoints(root)[:-keep]:
         if old != current:
             delete_checkpoint(old)
-    if clear_stale:
+    if clear_stale:  # this run's own temporaries are its saves in progress
         for stale in root.glob("step_*.tmp*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            if run_tag is None or not stale.name.endswith(f".tmp-{run_tag}"):
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 class BackgroundPruner:
     """Rank 0's deletion of old checkpoints, in a thread: deleting a 175B checkpoint from a parallel file system
     can take minutes, and every other rank would wait that long in the save's closing barrier (or their next
-    collective), past NCCL's watchdog. One prune at a time; the next save and the end of the run wait for it."""
+    collective), past NCCL's watchdog. One prune at a time: while one still runs, the next save leaves its
+    prune to the save after (never waiting in rank 0's part of a save); the end of the run waits for it."""
 
     def __init__(self):
         self.thread: threading.Thread | None = None
+        self.deferred: tuple | None = None  # a prune skipped while another ran: done by wait() if no save does
 
-    def start(self, root: Path, keep: int, current: Path, clear_stale: bool = True) -> None:
-        self.wait()
-        args = (root, keep, current, clear_stale)
+    def start(self, root: Path, keep: int, current: Path, clear_stale: bool = True, run_tag: str | None = None):
+        args = (root, keep, current, clear_stale, run_tag)
+        if self.thread is not None and self.thread.is_alive():
+            get_logger().info(f"deleting old checkpoints in {root} is still under way; the next save prunes")
+            self.deferred = args
+            return
+        self.thread, self.deferred = None, None
         self.thread = threading.Thread(target=self._prune, args=args, name="megagpt-prune")
         self.thread.start()
 
     @staticmethod
-    def _prune(root: Path, keep: int, current: Path, clear_stale: bool) -> None:
+    def _prune(root: Path, keep: int, current: Path, clear_stale: bool, run_tag: str | None) -> None:
         try:
-            prune(root, keep, current, clear_stale)
+            prune(root, keep, current, clear_stale, run_tag)
         except OSError as e:  # the run goes on; the next save's prune tries again
             get_logger().warning(f"deleting old checkpoints in {root} failed: {e}")
 
     def wait(self) -> None:
+        """Finish the prune under way, and one that was put off meanwhile (at the end of the run)."""
         if self.thread is not None:
             self.thread.join()
             self.thread = None
+        if self.deferred is not None:
+            args, self.deferred = self.deferred, None
+            self._prune(*args)
 
 
 class OfflineCheckpointWriter:
@@ -619,12 +628,15 @@ class Checkpointer:
             return f"checkpoint.exit_after_minutes={limit}"
         return None
 
-    def after_step(self, trainer) -> bool:
-        """Save when due; True when the run must stop after this step."""
+    def after_step(self, trainer, before_save=None) -> bool:
+        """Save when due; True when the run must stop after this step. before_save() runs first when a save
+        follows (the trainer's check that the steps since its last row had finite losses)."""
         step = trainer.state.step
         reason = self.stop_reason()
         due = self.c.save_interval > 0 and step % self.c.save_interval == 0
         if due or reason:
+            if before_save is not None:
+                before_save()
             self.save(trainer)
         if reason:
             self.pruner.wait()

@@ -179,15 +179,10 @@ def prepare_fused_kernels(cfg: Config, ctx: ParallelContext) -> None:
 
 
 def configure_tf32(allow: bool) -> None:
-    """fp32 matmuls and convolutions on GPU in TF32 or not (train.allow_tf32). CPU matmuls are left alone."""
-    precision = "tf32" if allow else "ieee"
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9, where mixing in the old flags below is an error
-        matmul.fp32_precision = precision
-        torch.backends.cudnn.conv.fp32_precision = precision
-    else:
-        matmul.allow_tf32 = allow
-        torch.backends.cudnn.allow_tf32 = allow
+    """fp32 matmuls on GPU in TF32 or not (train.allow_tf32), through torch's one public switch: setting the
+    newer per-backend fp32_precision flags alone makes torch's own readers of the legacy flags (Inductor's
+    autotuning, torch.utils.benchmark) raise on a "mix of legacy and new APIs". Called for CUDA runs only."""
+    torch.set_float32_matmul_precision("high" if allow else "highest")
 
 
 def ensure_same_config(cfg: Config, ctx: ParallelContext) -> None:

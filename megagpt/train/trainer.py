@@ -224,14 +224,23 @@ class Trainer:
             step = self.state.step
             due = step % cfg.logging.log_interval == 0 or step == cfg.train.iters
             eval_now = self.should_evaluate(step)
+            loss = None
             if due or eval_now:
                 loss = self.window_loss(window, step)  # waits for the GPU: the window's time includes its work
             window_time += time.perf_counter() - t0
-            stop = self.checkpointer is not None and self.checkpointer.after_step(self)
+
+            def checked_loss(window=window, step=step) -> float:
+                """The window's loss, read now if not yet: also before any save, so that a non-finite loss ends
+                the run before its weights could become a checkpoint (and `latest`)."""
+                nonlocal loss
+                if loss is None:
+                    loss = self.window_loss(window, step)
+                return loss
+
+            stop = self.checkpointer is not None and self.checkpointer.after_step(self, before_save=checked_loss)
             if not (due or eval_now or stop):
                 continue
-            if not (due or eval_now):
-                loss = self.window_loss(window, step)
+            loss = checked_loss()
             row = {
                 "step": step,
                 "loss": loss,  # mean over the steps since the last row

@@ -286,7 +286,7 @@ def test_a_resumed_run_continues_metrics_jsonl_after_the_checkpoint(tmp_path):
 
 def test_old_checkpoints_are_deleted_off_the_training_thread(tmp_path, monkeypatch):
     """Rank 0 deletes beyond checkpoint.keep in a thread, so a slow delete does not hold the other ranks in the
-    save's barrier past NCCL's watchdog; each save, and the end of the run, waits for the previous delete."""
+    save's barrier past NCCL's watchdog; a save returns while its delete still runs."""
     import threading
 
     from megagpt.train import checkpoint
@@ -307,6 +307,8 @@ def test_old_checkpoints_are_deleted_off_the_training_thread(tmp_path, monkeypat
         folder = real_save(trainer, *args)  # returns while the delete it started is still blocked
         saves_done.append((folder.name, list(deleted)))
         release.set()
+        if trainer.checkpointer.pruner.thread is not None:
+            trainer.checkpointer.pruner.thread.join()  # deterministic: each prune ends before the next save
         return folder
 
     monkeypatch.setattr(checkpoint, "delete_checkpoint", slow_delete)
@@ -346,3 +348,21 @@ def test_a_full_disk_during_a_save_names_the_checkpoint_and_the_intact_one(tmp_p
     assert f"the newest intact checkpoint is {ck / 'step_00000002'}" in message
     assert listing(ck) == ["latest", "step_00000001", "step_00000002"]
     assert SavedCheckpoint(ck / "step_00000002").step == 2
+
+
+def test_a_prune_put_off_by_a_slow_one_is_done_by_the_end(tmp_path):
+    """While one delete still runs, the next save does not wait for it: its prune is put off, and done later."""
+    import threading
+
+    from megagpt.train.checkpoint import BackgroundPruner
+
+    ck = tmp_path / "ck"
+    run(tmp_path, "r", "train.iters=4", "checkpoint.save_interval=1", "checkpoint.keep=10", f"checkpoint.dir={ck}")
+    pruner, gate = BackgroundPruner(), threading.Event()
+    pruner.thread = threading.Thread(target=gate.wait)  # a slow delete, still running
+    pruner.thread.start()
+    pruner.start(ck, 2, ck / "step_00000004")
+    assert listing(ck) == ["latest", "step_00000001", "step_00000002", "step_00000003", "step_00000004"]
+    gate.set()
+    pruner.wait()
+    assert listing(ck) == ["latest", "step_00000003", "step_00000004"]

@@ -66,28 +66,35 @@ def test_a_non_finite_loss_ends_the_run_at_the_next_logged_row_naming_its_step(t
         pretrain(cfg, ParallelContext.single_process())
 
 
-def tf32_on() -> bool:
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: reading the old flag after setting this one raises
-        return matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
-    return matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-
-
 def test_tf32_follows_train_allow_tf32():
     assert tiny_config().train.allow_tf32 is True
-    new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision")
-    if new_api:
-        saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-        cpu_precision = torch.backends.mkldnn.matmul.fp32_precision
+    saved = torch.get_float32_matmul_precision()
     try:
         configure_tf32(False)
-        assert not tf32_on()
+        assert torch.get_float32_matmul_precision() == "highest"
         configure_tf32(True)
-        assert tf32_on()
-        if new_api:  # CPU matmuls keep full fp32
-            assert torch.backends.mkldnn.matmul.fp32_precision == cpu_precision
-    finally:  # put the process's settings back
-        if new_api:
-            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
-        else:
-            configure_tf32(False)
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32  # the legacy flag reads back consistently, no "mix" error
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def test_a_non_finite_loss_is_caught_before_a_save_makes_it_a_checkpoint(tmp_path, monkeypatch):
+    """A save between logged rows reads the window's losses first: NaN weights never become `latest`."""
+    ck = tmp_path / "ck"
+    cfg = tiny_config(*BASE, "train.iters=10", "logging.log_interval=4", f"logging.dir={tmp_path / 'run'}",
+                      f"checkpoint.dir={ck}", "checkpoint.save_interval=3")  # fmt: skip
+    original, calls = Trainer.forward, []
+
+    def forward(self, chunk, x, labels):
+        y = original(self, chunk, x, labels)
+        if labels is not None:
+            calls.append(1)
+            if len(calls) == 2 * cfg.train.global_batch_size // cfg.train.micro_batch_size:  # step 2's last
+                return y * float("nan")
+        return y
+
+    monkeypatch.setattr(Trainer, "forward", forward)
+    with pytest.raises(UserError, match="the training loss became nan at step 2"):
+        pretrain(cfg, ParallelContext.single_process())
+    assert not list(ck.glob("step_*"))  # step 3's save never happened
