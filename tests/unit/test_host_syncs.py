@@ -49,19 +49,24 @@ def test_steps_between_logged_rows_read_nothing_back(tmp_path, monkeypatch):
     assert reads == {"reduce_losses": 2, "train": 2}, reads
 
 
-def test_a_non_finite_loss_ends_the_run_at_the_next_logged_row_naming_its_step(tmp_path, monkeypatch):
-    cfg = tiny_config(*BASE, "train.iters=10", "logging.log_interval=4", f"logging.dir={tmp_path}")
+def nan_loss_at_step_2(cfg, monkeypatch):
+    """The last micro-batch of step 2 returns a NaN loss."""
     original, calls = Trainer.forward, []
 
     def forward(self, chunk, x, labels):
         y = original(self, chunk, x, labels)
         if labels is not None:
             calls.append(1)
-            if len(calls) == 2 * cfg.train.global_batch_size // cfg.train.micro_batch_size:  # step 2's last
+            if len(calls) == 2 * cfg.train.global_batch_size // cfg.train.micro_batch_size:
                 return y * float("nan")
         return y
 
     monkeypatch.setattr(Trainer, "forward", forward)
+
+
+def test_a_non_finite_loss_ends_the_run_at_the_next_logged_row_naming_its_step(tmp_path, monkeypatch):
+    cfg = tiny_config(*BASE, "train.iters=10", "logging.log_interval=4", f"logging.dir={tmp_path}")
+    nan_loss_at_step_2(cfg, monkeypatch)
     with pytest.raises(UserError, match="the training loss became nan at step 2; lower optim.lr"):
         pretrain(cfg, ParallelContext.single_process())
 
@@ -84,17 +89,7 @@ def test_a_non_finite_loss_is_caught_before_a_save_makes_it_a_checkpoint(tmp_pat
     ck = tmp_path / "ck"
     cfg = tiny_config(*BASE, "train.iters=10", "logging.log_interval=4", f"logging.dir={tmp_path / 'run'}",
                       f"checkpoint.dir={ck}", "checkpoint.save_interval=3")  # fmt: skip
-    original, calls = Trainer.forward, []
-
-    def forward(self, chunk, x, labels):
-        y = original(self, chunk, x, labels)
-        if labels is not None:
-            calls.append(1)
-            if len(calls) == 2 * cfg.train.global_batch_size // cfg.train.micro_batch_size:  # step 2's last
-                return y * float("nan")
-        return y
-
-    monkeypatch.setattr(Trainer, "forward", forward)
+    nan_loss_at_step_2(cfg, monkeypatch)
     with pytest.raises(UserError, match="the training loss became nan at step 2"):
         pretrain(cfg, ParallelContext.single_process())
     assert not list(ck.glob("step_*"))  # step 3's save never happened
