@@ -258,27 +258,20 @@ def run_child(name: str, folder: Path) -> int:
     return 0
 
 
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """A command whose output goes to this step's log."""
+def run(cmd: list[str], timeout: float | None = None) -> subprocess.CompletedProcess:
+    """A command whose output goes to this step's log, in a process group of its own that is killed whole at the
+    timeout (torchrun's workers would otherwise keep holding the GPUs)."""
     print("$", " ".join(cmd), flush=True)
-    result = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, **kwargs)
-    print(result.stdout + result.stderr, flush=True)
-    return result
-
-
-def run_in_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """run() in a process group of its own, killed whole at the timeout (torchrun's workers hold the GPUs)."""
-    print("$", " ".join(cmd), flush=True)
-    child = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    child = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              start_new_session=True)  # fmt: skip
     try:
-        out, _ = child.communicate(timeout=timeout)
+        out, err = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, 9)
-        out, _ = child.communicate()
-        out += f"\n(killed after {timeout:.0f}s)"
-    print(out, flush=True)
-    return subprocess.CompletedProcess(cmd, child.returncode, out, "")
+        out, err = child.communicate()
+        err += f"\n(killed after {timeout:.0f}s)"
+    print(out + err, flush=True)
+    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
 
 
 def step_versions(folder: Path) -> dict:
@@ -505,7 +498,7 @@ def step_multi_gpu(folder: Path) -> dict:
         cmd += ["launcher/pretrain.py", "--config", "configs/tiny-cpu.yaml", "train.device=cuda"]
         cmd += ["train.precision=bf16", "train.iters=10", "logging.log_interval=5", "data.synthetic=true"]
         cmd += ["train.eval_interval=5", "train.eval_iters=1", f"logging.dir={run_dir}", *layout]
-        result = run_in_group(cmd, timeout=55)
+        result = run(cmd, timeout=55)
         rows = []
         if (run_dir / "metrics.jsonl").exists():
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

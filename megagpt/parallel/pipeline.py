@@ -277,11 +277,13 @@ class PipelineExecutor:
         return virtual_stage(self.pp, self.pp_rank, chunk)
 
     @contextlib.contextmanager
-    def _named(self, what: str):
-        """A backend failure or timeout inside the block becomes one sentence naming this stage and the operation."""
+    def _named(self, describe):
+        """A backend failure or timeout inside the block becomes one sentence naming this stage and the operation
+        (describe() says which; it runs only on a failure, not on every exchange)."""
         try:
             yield
         except RuntimeError as e:
+            what = describe()
             reason = str(e).splitlines()[0]
             me = f"pipeline stage {self.pp_rank} (rank {self.pp_ranks[self.pp_rank]})"
             if "timed out" in reason.lower() or "timeout" in reason.lower():
@@ -298,9 +300,11 @@ class PipelineExecutor:
         if not sends and not recvs:
             return {}
         buffers = {t: torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device) for t in recvs}
-        parts = [f"sending {t.describe()} to rank {self._peer(t, True)}" for t in sends]
-        parts += [f"receiving {t.describe()} from rank {self._peer(t, False)}" for t in recvs]
-        what = ", ".join(parts)
+
+        def what() -> str:
+            parts = [f"sending {t.describe()} to rank {self._peer(t, True)}" for t in sends]
+            return ", ".join(parts + [f"receiving {t.describe()} from rank {self._peer(t, False)}" for t in recvs])
+
         with self._named(what):
             works = (self.post or batch_send_recv)(
                 [(tensor, self._peer(t, True), self._tag(t)) for t, tensor in sends.items()],

@@ -80,6 +80,11 @@ def step_folder(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def process_tag() -> str:
+    """HOST-PID: names a writer's temporaries (step_N.tmp-HOST-PID) so that no two writers share one."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # What a rank holds, as TensorShards
 
@@ -379,7 +384,7 @@ class BackgroundPruner:
             get_logger().info(f"deleting old checkpoints in {root} is still under way; the next save prunes")
             self.deferred = args
             return
-        self.thread, self.deferred = None, None
+        self.deferred = None
         self.thread = threading.Thread(target=self._prune, args=args, name="megagpt-prune")
         self.thread.start()
 
@@ -413,7 +418,7 @@ class OfflineCheckpointWriter:
                 f"new or empty folder"
             )
         self.final = self.root / step_folder(step)
-        self.tmp = self.root / f"{step_folder(step)}.tmp-{socket.gethostname()}-{os.getpid()}"
+        self.tmp = self.root / f"{step_folder(step)}.tmp-{process_tag()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.files: dict[str, dict] = {}
@@ -592,7 +597,7 @@ class Checkpointer:
         self.cfg, self.ctx = cfg, ctx
         self.clear_stale = clear_stale  # the run holds checkpoint.dir's lock (run_folders.py)
         # Rank 0's host and pid name this run's temporaries, so they never collide with another run's.
-        self.run_tag = broadcast_text(f"{socket.gethostname()}-{os.getpid()}", 0, ctx.world_group, ctx.device)
+        self.run_tag = broadcast_text(process_tag(), 0, ctx.world_group, ctx.device)
         self.c = cfg.checkpoint
         self.saved_step = -1
         self.started = time.monotonic()
