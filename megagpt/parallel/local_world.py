@@ -88,7 +88,9 @@ def run_world(world_size: int, fn, *args, timeout: float = 600.0, allow_deaths: 
                     ) from None
                 continue
             if status == "error":
-                raise WorldError(f"rank {rank} of a world of {world_size} failed:\n{value}")
+                # The exception's own line first, so pytest's one-line summary names the rank and the cause.
+                cause = value.strip().splitlines()[-1]
+                raise WorldError(f"rank {rank} of a world of {world_size} failed: {cause}\n{value}")
             outcome[rank] = value
     finally:
         for p in procs:

@@ -35,7 +35,8 @@ def check_dropout_streams(rank: int, world_size: int, run_dir: str):
     torch.testing.assert_close(torch.cat([before, after]), unforked, rtol=0, atol=0)
     b0, b1 = gathered(before, tp)
     s0, s1 = gathered(split, tp)
-    assert torch.equal(b0, b1) and not torch.equal(s0, s1)
+    assert torch.equal(b0, b1), "the default stream differs across tp ranks"
+    assert not torch.equal(s0, s1), "the tensor-parallel stream is the same on both tp ranks"
 
     tokens = torch.randint(0, 1001, (2, 32), generator=torch.Generator().manual_seed(3))
 
@@ -54,7 +55,7 @@ def check_dropout_streams(rank: int, world_size: int, run_dir: str):
     attn = model.blocks["0"].attn
     qkv = torch.randn(2, 32, 3 * 64 // 2, generator=torch.Generator().manual_seed(11))
     mine, other = gathered(attn.attend(qkv), tp)
-    assert not torch.allclose(mine, other)
+    assert not torch.allclose(mine, other), "attention dropout drew the same mask for both ranks' heads"
     attn.eval()
     mine, other = gathered(attn.attend(qkv), tp)
     torch.testing.assert_close(mine, other, rtol=0, atol=0)  # no dropout, same heads' math: same output
@@ -64,7 +65,7 @@ def check_dropout_streams(rank: int, world_size: int, run_dir: str):
     with sp_model.residual_rng():
         mask = sp_model.drop(torch.ones(4, 64))
     mine, other = gathered(mask, tp)
-    assert not torch.equal(mine, other)
+    assert not torch.equal(mine, other), "sequence-parallel residual dropout drew the same mask on both ranks"
 
     # And in a real forward every dropout (embedding, attention, residual) starts from a fresh generator state:
     # no two draw the same numbers.
@@ -86,10 +87,9 @@ def check_dropout_streams(rank: int, world_size: int, run_dir: str):
         sp_model(tokens)
     finally:
         torch.nn.functional.dropout, gpt.causal_attention = real_dropout, real_attention
-    assert len(states) == 1 + 3 * 4  # embedding, then per layer attention and two residual dropouts
-    assert len({bytes(state.numpy()) for state in states}) == len(states)
-    return True
+    assert len(states) == 1 + 3 * 4, len(states)  # embedding, then per layer attention and two residual dropouts
+    assert len({bytes(state.numpy()) for state in states}) == len(states), "two dropout calls shared a random state"
 
 
 def test_dropout_streams_across_tensor_parallel_ranks(tmp_path):
-    assert run_world(2, check_dropout_streams, str(tmp_path)) == [True, True]
+    run_world(2, check_dropout_streams, str(tmp_path))  # each rank asserts; a failure names the rank and the check

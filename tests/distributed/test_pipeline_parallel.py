@@ -274,8 +274,9 @@ def dropout_streams_per_stage(rank, world_size):
     with next(iter(chunk.blocks.values())).attn.split_rng():
         split = torch.rand(8)
     draws = all_gather(torch.stack([default, split]).unsqueeze(0), 0, ctx.pp_group)
-    return not torch.equal(draws[0][0], draws[1][0]) and not torch.equal(draws[0][1], draws[1][1])
+    assert not torch.equal(draws[0][0], draws[1][0]), "the two pipeline stages drew the same default-stream numbers"
+    assert not torch.equal(draws[0][1], draws[1][1]), "the two pipeline stages drew the same split-stream numbers"
 
 
 def test_pipeline_stages_draw_different_dropout_masks():
-    assert run_world(2, dropout_streams_per_stage) == [True, True]
+    run_world(2, dropout_streams_per_stage)  # each rank asserts; a failure names the rank and the check
