@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 DEMO_DATA := data/shakespeare
 
-.PHONY: setup demo test lint clean gpu-check
+.PHONY: setup demo test lint clean gpu-check docs
 
 setup: $(VENV)/.megagpt-installed
 
@@ -35,6 +35,10 @@ test: setup
 GPU_PY = $(or $(shell for p in $(PY) $(PYTHON); do $$p -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null && echo $$p && break; done),$(PY))
 gpu-check:
 	$(GPU_PY) tools/gpu_check.py --out runs/gpu-check
+
+# docs/config.md is generated from megagpt/config.py's help text; a test fails when it is stale.
+docs: setup
+	$(PY) tools/gen_config_docs.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
