@@ -113,9 +113,24 @@ class OptimConfig:
 @dataclass(frozen=True)
 class DataConfig:
     path: str | list | None = option(
-        None, "dataset prefix (P for P.bin/P.idx) or a blend [weight1, prefix1, weight2, prefix2, ...]"
+        None,
+        "dataset prefix (P for P.bin/P.idx), a blend [weight1, prefix1, weight2, prefix2, ...], a list of prefixes "
+        "weighted by size, or Megatron's --data-path as one string '0.3 P1 0.7 P2'",
     )
-    split: str = option("969,30,1", "train,valid,test proportions of the documents")
+    split: str = option("969,30,1", "train,valid,test proportions of the sequences (Megatron's --split)")
+    train_path: str | list | None = option(
+        None, "training data of its own, used whole (Megatron's --train-data-path); instead of data.path"
+    )
+    valid_path: str | list | None = option(
+        None, "validation data of its own, used whole (Megatron's --valid-data-path); instead of data.path"
+    )
+    test_path: str | list | None = option(
+        None, "test data of its own, used whole (Megatron's --test-data-path); instead of data.path"
+    )
+    megatron_compat: bool = option(
+        True,
+        "Megatron Core's split boundaries, split unit, blend sizes and path syntax; false: megagpt's earlier rules",
+    )
     synthetic: bool = option(False, "deterministic random tokens instead of data.path (tests, benchmarks)")
     cache_dir: str | None = option(None, "where sample-index caches go; null means beside each dataset")
 
@@ -482,22 +497,44 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         check(0 <= getattr(o, key) < 1, f"optim.{key}={getattr(o, key)} must be in [0, 1)")
     check(o.eps > 0, "optim.eps must be positive")
 
+    split_paths = {name: getattr(d, f"{name}_path") for name in ("train", "valid", "test")}
+    per_split = any(p is not None for p in split_paths.values())
     check(
         not (d.synthetic and d.path is not None),
         f"data.path={d.path} is set but data.synthetic=true would train on random tokens and ignore it (the "
         f"tiny presets turn synthetic on); set data.synthetic=false to train on data.path, or drop data.path",
     )
-    if not d.synthetic:
+    check(
+        not (d.synthetic and per_split),
+        "data.train_path / valid_path / test_path are set but data.synthetic=true would ignore them; set "
+        "data.synthetic=false, or drop them",
+    )
+    check(
+        not (d.path is not None and per_split),
+        "data.path and data.train_path / valid_path / test_path are both set; give one or the other (as Megatron's "
+        "--data-path and --train-data-path)",
+    )
+    if not d.synthetic and per_split:
+        check(split_paths["train"] is not None, "data.valid_path / test_path are set but data.train_path is not")
+        check(
+            t.eval_iters == 0 or split_paths["valid"] is not None,
+            f"train.eval_iters={t.eval_iters} needs validation data, but data.valid_path is not set; set it or "
+            "set train.eval_iters=0",
+        )
+        for value in split_paths.values():
+            if value is not None:
+                problems.extend(_user_error(parse_blend, value, d.megatron_compat))
+    elif not d.synthetic:
         check(
             d.path is not None,
             "data.path is not set; give a dataset prefix (tools/preprocess_data.py makes one) "
             "or set data.synthetic=true",
         )
         if d.path is not None:
-            problems.extend(_user_error(parse_blend, d.path))
+            problems.extend(_user_error(parse_blend, d.path, d.megatron_compat))
     split_problem = _user_error(parse_split, d.split)
     problems.extend(split_problem)
-    if t.eval_iters > 0 and not d.synthetic and not split_problem:
+    if t.eval_iters > 0 and not d.synthetic and not per_split and not split_problem:
         check(
             parse_split(d.split)[1] > 0,
             f"train.eval_iters={t.eval_iters} needs a validation split, but data.split='{d.split}' "
@@ -532,10 +569,10 @@ def padded_vocab_size(model: ModelConfig, tp: int = 1) -> int:
     return int(math.ceil(model.vocab_size / multiple) * multiple)
 
 
-def _user_error(parse, value) -> list[str]:
-    """[] when parse(value) succeeds, else its one-sentence message (without the final period)."""
+def _user_error(parse, value, *args) -> list[str]:
+    """[] when parse(value, *args) succeeds, else its one-sentence message (without the final period)."""
     try:
-        parse(value)
+        parse(value, *args)
     except UserError as e:
         return [str(e).rstrip(".")]
     return []

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", required=True, help="a checkpoint folder (step_N) or a checkpoint.dir")
     parser.add_argument("--data", required=True, help="dataset prefix (PREFIX.bin / PREFIX.idx)")
     parser.add_argument("--split", choices=SPLITS, default="valid")
-    parser.add_argument("--split-weights", default="969,30,1", help="train,valid,test shares of the documents")
+    parser.add_argument("--split-weights", default="969,30,1", help="train,valid,test shares of the sequences")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--max-samples", type=int, default=None, help="score at most this many windows")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -42,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         with inference_context(args.device) as ctx:
             model, cfg = load_for_inference(args.load, ctx)
             indexed = IndexedDataset(args.data)
-            documents = split_documents(indexed.num_documents, args.split_weights)[SPLITS.index(args.split)]
-            offsets = indexed.document_token_offsets()
+            # The split the run trained with: Megatron's (sequences, cumulative rounding) unless it turned that off.
+            compat = cfg.data.megatron_compat
+            unit = "sequence" if compat else "document"
+            offsets = indexed.sequence_token_offsets() if compat else indexed.document_token_offsets()
+            documents = split_documents(len(offsets) - 1, args.split_weights, compat)[SPLITS.index(args.split)]
             split_tokens = int(np.int64(offsets[documents[1]]) - np.int64(offsets[documents[0]]))
             samples = (split_tokens - 1) // cfg.model.seq_length  # one pass over the split
             if samples < 1:
@@ -51,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"the {args.split} split of {args.data} holds {split_tokens} tokens, fewer than one window of "
                     f"{cfg.model.seq_length + 1}; choose another --split or --split-weights"
                 )
-            dataset = GPTDataset(indexed, documents, samples, cfg.model.seq_length, cfg.train.seed, name=args.split)
+            dataset = GPTDataset(
+                indexed, documents, samples, cfg.model.seq_length, cfg.train.seed, name=args.split, unit=unit
+            )
             loss, tokens = mean_loss(model, dataset, args.micro_batch, args.max_samples)
             if ctx.rank == 0:
                 result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,

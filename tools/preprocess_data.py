@@ -7,6 +7,11 @@
 .txt:   the whole file is one document.
 Each document gets the GPT-2 end-of-document token (50256) appended unless --no-append-eod. Token ids are stored
 as uint16, readable by Megatron-LM's IndexedDataset. Nothing is written unless every document succeeds.
+
+By default the tokens are Megatron's (tools/preprocess_data.py of Megatron-LM, without --split-sentences): a
+literal "<|endoftext|>" in the text is the end-of-text token, and an empty text is a document with no tokens
+and no sequence. --no-megatron-compat keeps megagpt's earlier rule: the literal string is ordinary text, and an
+empty text is one sequence holding only the end-of-document token.
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="append <|endoftext|> (50256) to every document (default on)",
     )
+    parser.add_argument(
+        "--megatron-compat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Megatron's tokens for a literal <|endoftext|> and for empty texts (default on; see above)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
 
@@ -49,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             json_key=args.json_key,
             append_eod=args.append_eod,
             progress=not args.no_progress,
+            megatron_compat=args.megatron_compat,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,8 +15,21 @@ builds three index arrays once and caches them as .npy files:
 Documents already end with the EOD token (tools/preprocess_data.py appends it), so windows that cross a
 document boundary see it, as in Megatron and GPT-3. Everything is vectorized numpy: no per-token Python loops.
 
-``build_datasets`` is the entry point the trainer uses: ``data.path``, ``data.split`` and ``data.synthetic``
-in, (train, valid, test) out.
+``build_datasets`` is the entry point the trainer uses: ``data.path`` (or per-split paths), ``data.split`` and
+``data.synthetic`` in, (train, valid, test) out.
+
+What follows Megatron Core and what does not (``data.megatron_compat``, on by default):
+
+- the same as Megatron: the .bin/.idx format; split boundaries (data/spec.py); the split unit (sequences, as
+  Megatron's GPTDataset, which equals documents for data from tools/preprocess_data.py); each blend component's
+  size, ceil(ceil(N * w) * 1.005), and the blend's length, sum(ceil(N * w)); the greedy blend order; weightless
+  blends weighted by one epoch of each dataset; per-split paths; windows of seq_length + 1 tokens with one token
+  of overlap;
+- different, on purpose: the order of windows within a dataset. megagpt shuffles the documents anew for every
+  epoch (every document once per epoch; Megatron shuffles all epochs' copies together, so a document can come
+  twice before another once) and builds only the first N windows of that stream, not whole epochs with a
+  separately shuffled last one. So the same data and seed give the same split and blend sizes as Megatron, but
+  not the same samples in the same order.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ import torch
 from torch.utils.data import Dataset
 
 from megagpt.data.indexed_dataset import IndexedDataset, create_temp_file
-from megagpt.data.spec import parse_blend, parse_split
+from megagpt.data.spec import Blend, parse_blend, parse_split, split_ranges
 from megagpt.data.tokenizer import VOCAB_SIZE
 from megagpt.errors import DataError
 
@@ -42,25 +55,23 @@ logger = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "valid", "test")
 # Bump when the index-building algorithm changes, so stale caches are not reused.
 _INDEX_VERSION = 1
+# Megatron Core's mid_level_dataset_surplus: each blend component builds 0.5% more samples than its share.
+BLEND_SURPLUS = 0.005
 
 
-def split_documents(num_documents: int, split: str) -> list[tuple[int, int]]:
-    """Three contiguous (start, end) document ranges for train, valid, test, by Megatron's rounding.
-
-    Each split gets round(weight * num_documents) documents; any rounding excess or shortfall shifts every
-    boundary after the first, so the ranges always cover exactly [0, num_documents). A range may be empty.
-    """
-    weights = parse_split(split)
-    bounds = [0]
-    for weight in weights:
-        bounds.append(bounds[-1] + int(round(weight * float(num_documents))))
-    excess = bounds[-1] - num_documents
-    bounds = [0] + [min(max(b - excess, 0), num_documents) for b in bounds[1:]]
-    return [(bounds[i], bounds[i + 1]) for i in range(3)]
+def split_documents(num_documents: int, split: str, megatron_compat: bool = True) -> list[tuple[int, int]]:
+    """Three contiguous (start, end) ranges for train, valid, test; see data/spec.py's split_ranges."""
+    return split_ranges(num_documents, split, megatron_compat)
 
 
 class GPTDataset(Dataset):
     """``num_samples`` windows of ``seq_length + 1`` tokens over documents ``doc_range`` of ``indexed``.
+
+    ``unit`` says what ``doc_range`` counts and what is shuffled: "document" (megagpt's earlier unit) or
+    "sequence" (Megatron's GPTDataset, which splits and shuffles sequences; the same thing for data from
+    tools/preprocess_data.py, which writes one sequence per document and none for an empty text).
+    ``num_samples=None`` asks for one epoch: every token of the range a label once, (tokens - 1) // seq_length
+    windows (Megatron's size for a weightless blend's component).
 
     ``dataset[i]`` is a LongTensor of seq_length + 1 tokens: inputs ``[:-1]``, labels ``[1:]``.
     The same (data, range, num_samples, seq_length, seed) always gives the same samples in the same order.
@@ -70,31 +81,46 @@ class GPTDataset(Dataset):
         self,
         indexed: IndexedDataset,
         doc_range: tuple[int, int],
-        num_samples: int,
+        num_samples: int | None,
         seq_length: int,
         seed: int,
         cache_dir: str | os.PathLike | None = None,
         name: str = "train",
+        unit: str = "document",
     ) -> None:
+        if unit not in ("document", "sequence"):
+            raise ValueError(f"unit must be 'document' or 'sequence', got {unit!r}")
         self.indexed = indexed
+        self.unit = unit
         self.doc_range = (int(doc_range[0]), int(doc_range[1]))
-        self.num_samples = int(num_samples)
         self.seq_length = int(seq_length)
         self.seed = int(seed)
         self.name = name
         start, end = self.doc_range
-        if not 0 <= start <= end <= indexed.num_documents:
-            raise ValueError(f"document range {self.doc_range} outside the {indexed.num_documents} documents")
+        # Unit d (a document or a sequence) is tokens[offsets[d]:offsets[d + 1]] of the flat .bin.
+        if unit == "document":
+            self._doc_offsets = indexed.document_token_offsets()
+        else:
+            self._doc_offsets = indexed.sequence_token_offsets()
+        num_units = len(self._doc_offsets) - 1
+        if not 0 <= start <= end <= num_units:
+            raise ValueError(f"{unit} range {self.doc_range} outside the {num_units} {unit}s")
+        doc_lengths = np.diff(self._doc_offsets[start : end + 1])
+        if num_samples is None:
+            num_samples = max(int(doc_lengths.sum()) - 1, 0) // max(self.seq_length, 1)
+            if num_samples < 1:
+                raise DataError(
+                    f"the {name} split of {indexed.prefix} holds {int(doc_lengths.sum())} tokens, fewer than one "
+                    f"sample of seq_length + 1 = {self.seq_length + 1}; give it more data or drop it from the blend"
+                )
+        self.num_samples = int(num_samples)
         if self.num_samples < 1 or self.seq_length < 1:
             raise ValueError(f"num_samples ({num_samples}) and seq_length ({seq_length}) must be positive")
 
-        # Document d is tokens[offsets[d]:offsets[d + 1]] of the flat .bin.
-        self._doc_offsets = indexed.document_token_offsets()
-        doc_lengths = np.diff(self._doc_offsets[start : end + 1])
         if doc_lengths.sum() == 0:
-            what = "no documents" if start == end else "no tokens"
+            what = f"no {unit}s" if start == end else "no tokens"
             raise DataError(
-                f"the {name} split of {indexed.prefix} has {what} (documents [{start}, {end})) but "
+                f"the {name} split of {indexed.prefix} has {what} ({unit}s [{start}, {end})) but "
                 f"{self.num_samples} {name} samples are asked for; give {name} a larger share in data.split "
                 "(train,valid,test, e.g. '969,30,1') or ask for 0 of its samples."
             )
@@ -120,6 +146,7 @@ class GPTDataset(Dataset):
             "version": _INDEX_VERSION,
             "prefix": os.path.abspath(indexed.prefix),
             "doc_range": list(self.doc_range),
+            **({"unit": unit} if unit != "document" else {}),  # document-unit caches keep their old names
             "num_samples": self.num_samples,
             "seq_length": self.seq_length,
             "seed": self.seed,
@@ -299,12 +326,16 @@ def build_datasets(
     cache_dir: str | os.PathLike | None = None,
     synthetic: bool = False,
     vocab_size: int = VOCAB_SIZE,
+    megatron_compat: bool = True,
+    split_paths: Sequence[str | Sequence | None] | None = None,
 ) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
-    """(train, valid, test) for data.path / data.split; a split with 0 samples asked for is None.
+    """(train, valid, test) for data.path / data.split (or the per-split paths); a split with 0 samples asked
+    for is None.
 
-    Every prefix is opened (and so validated) before any index is built, so a wrong path fails at once.
-    A blend splits each of its datasets by ``split`` and blends the matching splits; each component builds
-    ceil(weight * n * 1.005) + 1 samples (Megatron's margin) so the greedy blend never runs past its end.
+    ``split_paths`` (Megatron's --train-data-path / --valid-data-path / --test-data-path) gives each split its
+    own data, used whole; data.split does not apply then. Every prefix is opened (and so validated) before any
+    index is built, so a wrong path fails at once. A blend splits each of its datasets by ``split`` and blends
+    the matching splits (sizes in _build_blend).
     """
     if len(num_samples) != 3 or any(int(n) < 0 for n in num_samples):
         raise ValueError(f"num_samples must be three non-negative counts (train, valid, test), got {num_samples}")
@@ -314,33 +345,79 @@ def build_datasets(
         return tuple(
             SyntheticDataset(n, seq_length, vocab_size, seed * 3 + k) if n > 0 else None for k, n in enumerate(counts)
         )
-    if path is None or path == "" or path == []:
-        raise DataError(
-            "data.path is empty; set it to a dataset prefix from tools/preprocess_data.py or use data.synthetic."
-        )
+    whole = split_paths is not None and any(p not in (None, "", []) for p in split_paths)
+    if whole:
+        if path not in (None, "", []):
+            raise DataError(
+                "data.path and the per-split paths (data.train_path, data.valid_path, data.test_path) are both "
+                "set; give one or the other"
+            )
+        blends = [parse_blend(p, megatron_compat) if p not in (None, "", []) else None for p in split_paths]
+    else:
+        if path is None or path == "" or path == []:
+            raise DataError(
+                "data.path is empty; set it to a dataset prefix from tools/preprocess_data.py or use data.synthetic."
+            )
+        parse_split(split)  # a bad split string fails before any file is touched
+        blends = [parse_blend(path, megatron_compat)] * 3
+    for k, (blend, n) in enumerate(zip(blends, counts)):
+        if blend is None and n > 0:
+            raise DataError(
+                f"{n} {SPLIT_NAMES[k]} samples are asked for but data.{SPLIT_NAMES[k]}_path is not set; set it, "
+                "or use data.path with data.split"
+            )
+    prefixes = dict.fromkeys(p for b in blends if b is not None for p in b.prefixes)
+    indexed = {prefix: IndexedDataset(prefix) for prefix in prefixes}
+    unit = "sequence" if megatron_compat else "document"
 
-    parse_split(split)  # a bad split string fails before any file is touched
-    blend = parse_blend(path)
-    indexed = {prefix: IndexedDataset(prefix) for _, prefix in blend}
-    ranges = {prefix: split_documents(ds.num_documents, split) for prefix, ds in indexed.items()}
-    blend = [(w, p) for w, p in blend if w > 0]
-    total_weight = sum(w for w, _ in blend)
-
-    def make(prefix: str, k: int, n: int) -> GPTDataset:
-        return GPTDataset(indexed[prefix], ranges[prefix][k], n, seq_length, seed, cache_dir, SPLIT_NAMES[k])
+    def make(prefix: str, k: int, n: int | None) -> GPTDataset:
+        ds = indexed[prefix]
+        num_units = len(ds) if unit == "sequence" else ds.num_documents
+        units = (0, num_units) if whole else split_ranges(num_units, split, megatron_compat)[k]
+        return GPTDataset(ds, units, n, seq_length, seed, cache_dir, SPLIT_NAMES[k], unit)
 
     datasets: list[Dataset | None] = []
-    for k, n in enumerate(counts):
+    for k, (blend, n) in enumerate(zip(blends, counts)):
         if n == 0:
             datasets.append(None)
-        elif len(blend) == 1:
-            datasets.append(make(blend[0][1], k, n))
+        elif len(blend.prefixes) == 1 and (blend.weights is None or not megatron_compat):
+            datasets.append(make(blend.prefixes[0], k, n))
         else:
-            weights = [w / total_weight for w, _ in blend]
-            parts = [make(prefix, k, math.ceil(w * n * 1.005) + 1) for w, (_, prefix) in zip(weights, blend)]
-            blend_cache = cache_dir if cache_dir is not None else os.path.dirname(os.path.abspath(blend[0][1]))
-            datasets.append(BlendedDataset(parts, weights, n, seed, cache_dir=blend_cache))
+            blend_cache = cache_dir if cache_dir is not None else os.path.dirname(os.path.abspath(blend.prefixes[0]))
+            datasets.append(_build_blend(blend, n, megatron_compat, lambda p, m, k=k: make(p, k, m), seed, blend_cache))
     return tuple(datasets)
+
+
+def _build_blend(blend: Blend, n: int, megatron_compat: bool, make, seed: int, cache_dir) -> BlendedDataset:
+    """A blend of ``blend``'s datasets for n samples; ``make(prefix, count)`` builds one component.
+
+    - weighted, Megatron's sizes (megatron_compat): component d builds ceil(ceil(n * w_d) * 1.005) samples
+      (0.5% surplus) and the blend is sum_d ceil(n * w_d) long, a little longer than n, as in Megatron Core's
+      BlendedMegatronDatasetBuilder. A weighted list with one prefix is a blend of one, as there.
+    - weighted, megagpt's earlier sizes: ceil(n * w_d * 1.005) + 1 per component, a blend of exactly n.
+    - weightless (a list of prefixes): each component is one epoch of its split and the weights are those
+      sizes, as in Megatron; asking for more samples than they hold together is refused.
+    A dataset with weight 0 is left out (Megatron would build an empty dataset the greedy rule could still
+    pick on a tie).
+    """
+    if blend.weights is None:
+        parts = [make(prefix, None) for prefix in blend.prefixes]
+        sizes = [len(part) for part in parts]
+        if n > sum(sizes):
+            raise DataError(
+                f"the weightless blend {list(blend.prefixes)} holds {sum(sizes)} samples (one epoch of each "
+                f"dataset's split, as Megatron builds it) but {n} are asked for; give weights "
+                "([w1, prefix1, w2, prefix2, ...]) so datasets repeat as needed, or train on fewer samples"
+            )
+        return BlendedDataset(parts, sizes, n, seed, cache_dir=cache_dir)
+    weighted = [(w, prefix) for w, prefix in zip(blend.weights, blend.prefixes) if w > 0]
+    weights = [w for w, _ in weighted]
+    if megatron_compat:
+        targets = [math.ceil(n * w) for w in weights]
+        parts = [make(prefix, math.ceil(t * (1 + BLEND_SURPLUS))) for t, (_, prefix) in zip(targets, weighted)]
+        return BlendedDataset(parts, weights, sum(targets), seed, cache_dir=cache_dir)
+    parts = [make(prefix, math.ceil(w * n * (1 + BLEND_SURPLUS)) + 1) for w, prefix in weighted]
+    return BlendedDataset(parts, weights, n, seed, cache_dir=cache_dir)
 
 
 def _hash(description: dict) -> str:

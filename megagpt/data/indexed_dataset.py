@@ -123,11 +123,16 @@ class IndexedDatasetBuilder:
     def num_documents(self) -> int:
         return len(self._document_indices) - 1
 
-    def add_document(self, tokens) -> None:
-        """Append one document (a 1-D sequence of token ids) as a single sequence."""
+    def add_document(self, tokens, sequence_lengths=None) -> None:
+        """Append one document (a 1-D sequence of token ids) as a single sequence, or as the sequences
+        ``sequence_lengths`` cut it into, as Megatron's builder takes them: sentence-split documents, or ``[]``
+        for a document with no sequence (what Megatron's preprocessing writes for an empty text)."""
         array = np.asarray(tokens)
         if array.ndim != 1:
             raise ValueError(f"a document must be a 1-D sequence of token ids, got shape {array.shape}")
+        lengths = [int(array.size)] if sequence_lengths is None else [int(n) for n in sequence_lengths]
+        if sum(lengths) != array.size or any(n < 0 for n in lengths):
+            raise ValueError(f"sequence lengths {lengths} do not cut a document of {array.size} tokens")
         if (
             self._limits is not None
             and array.size
@@ -139,7 +144,7 @@ class IndexedDatasetBuilder:
                 f"{self.dtype}; build it with best_dtype(vocab_size) instead."
             )
         self._bin.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
-        self._sequence_lengths.append(int(array.size))
+        self._sequence_lengths.extend(lengths)
         self._document_indices.append(len(self._sequence_lengths))
 
     def finalize(self) -> None:
@@ -311,14 +316,18 @@ class IndexedDataset:
             raise IndexError(f"tokens [{offset}, {offset + length}) out of range for sequence {i} of length {size}")
         return self.tokens[start + offset : start + offset + length]
 
-    def document_token_offsets(self) -> np.ndarray:
-        """int64 array of num_documents + 1 entries: document d is ``tokens[offsets[d]:offsets[d + 1]]``.
+    def sequence_token_offsets(self) -> np.ndarray:
+        """int64 array of len(self) + 1 entries: sequence i is ``tokens[offsets[i]:offsets[i + 1]]``.
 
         Valid because the .bin stores sequences contiguously in order (checked on open via the pointers).
         """
         sequence_offsets = np.zeros(len(self) + 1, dtype=np.int64)
         np.cumsum(self.sequence_lengths, dtype=np.int64, out=sequence_offsets[1:])
-        return sequence_offsets[self.document_indices]
+        return sequence_offsets
+
+    def document_token_offsets(self) -> np.ndarray:
+        """int64 array of num_documents + 1 entries: document d is ``tokens[offsets[d]:offsets[d + 1]]``."""
+        return self.sequence_token_offsets()[self.document_indices]
 
     # Memory maps do not pickle (they would be copied whole); a spawned data loader worker re-opens the files instead.
     def __getstate__(self) -> dict:

@@ -110,28 +110,41 @@ def _decoded_lines(f, path: str) -> Iterator[str]:
         raise DataError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8.") from None
 
 
-def encode_document(text: str, append_eod: bool = True) -> np.ndarray:
+def encode_document(text: str, append_eod: bool = True, megatron_compat: bool = True) -> np.ndarray:
     """GPT-2 token ids of one document, with the end-of-document token appended.
 
-    ``encode_ordinary``: a literal "<|endoftext|>" inside the text is ordinary text, as in Megatron's GPT-2
-    tokenizer, so raw data cannot inject document boundaries.
+    megatron_compat (the default) gives Megatron's tokens: a literal "<|endoftext|>" in the text is the
+    end-of-text token (as Megatron Core's GPT-2 tokenizer, built on Hugging Face's, encodes it), and an empty
+    text gives no tokens at all, not even the end-of-document one (Megatron appends it only to a non-empty
+    document), which the writer stores as a document with no sequence. Without it, megagpt's earlier rule: the
+    literal string is ordinary text (raw data cannot inject document boundaries) and every text, empty or not,
+    ends with the end-of-document token.
     """
-    ids = get_tokenizer().encode_ordinary(text)
-    if append_eod:
-        ids.append(EOD_ID)
+    tokenizer = get_tokenizer()
+    if megatron_compat:
+        ids = tokenizer.encode(text, allowed_special={"<|endoftext|>"}, disallowed_special=())
+        if append_eod and ids:
+            ids.append(EOD_ID)
+    else:
+        ids = tokenizer.encode_ordinary(text)
+        if append_eod:
+            ids.append(EOD_ID)
     return np.asarray(ids, dtype=np.int32)
 
 
-def _encode_with_eod(text: str) -> np.ndarray:
-    return encode_document(text, append_eod=True)
+@dataclass(frozen=True)
+class _Encoder:
+    """A picklable encode function for the worker pool (a lambda or closure would not pickle)."""
 
+    append_eod: bool
+    megatron_compat: bool
 
-def _encode_without_eod(text: str) -> np.ndarray:
-    return encode_document(text, append_eod=False)
+    def __call__(self, text: str) -> np.ndarray:
+        return encode_document(text, self.append_eod, self.megatron_compat)
 
 
 def tokenize_documents(
-    texts: Iterable[str], workers: int = 1, append_eod: bool = True, chunksize: int = 16
+    texts: Iterable[str], workers: int = 1, append_eod: bool = True, chunksize: int = 16, megatron_compat: bool = True
 ) -> Iterator[np.ndarray]:
     """Token ids per document, in input order, tokenized by ``workers`` processes (1: in this process).
 
@@ -139,7 +152,7 @@ def tokenize_documents(
     clear error, and the workers fork before a progress bar starts its monitor thread (forking a process that
     runs threads can deadlock), inheriting the built tokenizer instead of each parsing the vocabulary again.
     """
-    encode = _encode_with_eod if append_eod else _encode_without_eod
+    encode = _Encoder(append_eod, megatron_compat)
     get_tokenizer()
     if workers <= 1:
         return map(encode, texts)
@@ -156,17 +169,20 @@ def _tokenize_in_pool(pool, encode, texts: Iterator[str], workers: int, chunksiz
             yield from pool.imap(encode, batch, chunksize=chunksize)
 
 
-def write_dataset(prefix: str, docs: Iterable[np.ndarray], dtype=None, progress: bool = False) -> tuple[int, int]:
+def write_dataset(
+    prefix: str, docs: Iterable[np.ndarray], dtype=None, progress: bool = False, megatron_compat: bool = True
+) -> tuple[int, int]:
     """Write token arrays as P.bin/P.idx (atomically: nothing appears unless every document made it).
 
-    Returns (documents, tokens). dtype defaults to the smallest one for GPT-2's vocabulary (uint16).
+    Returns (documents, tokens). dtype defaults to the smallest one for GPT-2's vocabulary (uint16). With
+    megatron_compat an empty array is a document with no sequence (Megatron's), else one empty sequence.
     """
     dtype = best_dtype(VOCAB_SIZE) if dtype is None else dtype
     num_tokens = 0
     bar = tqdm(docs, unit=" docs", file=sys.stderr, disable=not progress, desc=os.path.basename(prefix))
     with bar, IndexedDatasetBuilder(prefix, dtype) as builder:
         for tokens in bar:
-            builder.add_document(tokens)
+            builder.add_document(tokens, [] if megatron_compat and len(tokens) == 0 else None)
             num_tokens += len(tokens)
             bar.set_postfix(tokens=num_tokens, refresh=False)
         # Raised inside the builder: its temporaries go, and the files at prefix stay as they were.
@@ -185,10 +201,11 @@ def preprocess(
     json_key: str = "text",
     append_eod: bool = True,
     progress: bool = False,
+    megatron_compat: bool = True,
 ) -> PreprocessSummary:
     """Tokenize ``inputs`` (.jsonl / .txt) into ``output_prefix``.bin/.idx; see tools/preprocess_data.py."""
     start = time.perf_counter()
     texts = iter_input_texts(inputs, json_key)
-    docs = tokenize_documents(texts, workers=workers, append_eod=append_eod)
-    documents, tokens = write_dataset(output_prefix, docs, progress=progress)
+    docs = tokenize_documents(texts, workers=workers, append_eod=append_eod, megatron_compat=megatron_compat)
+    documents, tokens = write_dataset(output_prefix, docs, progress=progress, megatron_compat=megatron_compat)
     return PreprocessSummary(output_prefix, documents, tokens, time.perf_counter() - start)

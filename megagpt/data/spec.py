@@ -1,12 +1,35 @@
-"""What data.path and data.split mean, parsed without touching any file (config validation uses these too)."""
+"""What data.path and data.split mean, parsed without touching any file (config validation uses these too).
+
+With ``data.megatron_compat`` (the default) both follow Megatron Core's rules (``get_blend_from_list``,
+``parse_and_normalize_split``, ``convert_split_vector_to_split_matrix`` in megatron/core/datasets):
+
+- data.path is a prefix, a list ``[w1, prefix1, w2, prefix2, ...]``, a weightless list ``[prefix1, prefix2]``
+  (weighted by the datasets' sizes), or Megatron's ``--data-path`` written as one string: ``"0.3 a 0.7 b"``;
+- data.split ``"969,30,1"`` is normalized and turned into cumulative bookends (0, .969, .999, 1), each rounded
+  on its own (Python's round, half to even) against the number of sequences: the cumulative boundaries are
+  rounded, not each part's size.
+
+With ``megatron_compat: false``, megagpt's earlier rules: a string is always one prefix (so a path may hold
+spaces), and each split's size is rounded on its own, the rounding error moving every later boundary.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from megagpt.errors import DataError
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Dataset prefixes and their normalized weights; ``weights is None`` means "weight by dataset size"
+    (Megatron's weightless list)."""
+
+    prefixes: tuple[str, ...]
+    weights: tuple[float, ...] | None
 
 
 def parse_split(split: str) -> list[float]:
@@ -26,32 +49,75 @@ def parse_split(split: str) -> list[float]:
     return [w / total for w in weights]
 
 
-def parse_blend(path: str | Sequence) -> list[tuple[float, str]]:
-    """data.path -> [(weight, prefix), ...]: a prefix string, or a list [w1, prefix1, w2, prefix2, ...]."""
+def split_ranges(num_elements: int, split: str, megatron_compat: bool = True) -> list[tuple[int, int]]:
+    """Three contiguous (start, end) ranges of [0, num_elements) for train, valid, test. A range may be empty.
+
+    Megatron's rule (megatron_compat): the split vector's cumulative bookends [0, a, a+b, 1], each multiplied by
+    num_elements and rounded (half to even). 30 elements at '45,10,45' -> (0,14), (14,16), (16,30).
+
+    megagpt's earlier rule: each part gets round(weight * num_elements); the rounding excess or shortfall shifts
+    every boundary after the first. 30 elements at '45,10,45' -> (0,13), (13,16), (16,30).
+    """
+    weights = parse_split(split)
+    if megatron_compat:
+        bookends = [0.0]
+        for weight in weights:
+            bookends.append(bookends[-1] + weight)
+        bounds = [int(round(b * float(num_elements))) for b in bookends]
+        bounds = [min(max(b, 0), num_elements) for b in bounds]
+        bounds[-1] = num_elements  # the bookend sums to 1 up to rounding; the last range always ends at the end
+    else:
+        bounds = [0]
+        for weight in weights:
+            bounds.append(bounds[-1] + int(round(weight * float(num_elements))))
+        excess = bounds[-1] - num_elements
+        bounds = [0] + [min(max(b - excess, 0), num_elements) for b in bounds[1:]]
+    return [(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+def parse_blend(path: str | Sequence, megatron_compat: bool = True) -> Blend:
+    """data.path -> Blend. See the module docstring for the forms each mode takes."""
     if isinstance(path, (str, os.PathLike)):
-        return [(1.0, os.fspath(path))]
-    items = list(path)
-    if len(items) == 1 and isinstance(items[0], (str, os.PathLike)):
-        return [(1.0, os.fspath(items[0]))]
-    if not items or len(items) % 2:
+        text = os.fspath(path)
+        items = text.split() if megatron_compat else [text]
+    else:
+        items = [os.fspath(item) if isinstance(item, os.PathLike) else item for item in path]
+    if not items:
+        raise DataError("data.path is empty; give a dataset prefix or a blend [weight1, prefix1, ...].")
+    if len(items) == 1:
+        return Blend((_prefix(items[0], path),), None)
+    weights = [_weight(item) for item in items[0::2]] if len(items) % 2 == 0 else [None]
+    if all(w is None for w in weights):
+        # An odd count, or no weight in a weight's place: a weightless list of prefixes, as Megatron reads it.
+        return Blend(tuple(_prefix(item, path) for item in items), None)
+    if any(w is None for w in weights) or any(not isinstance(p, str) for p in items[1::2]):
         raise DataError(
-            f"data.path {items!r} is neither a prefix nor a blend; "
-            "write a blend as [weight1, prefix1, weight2, prefix2, ...]."
+            f"data.path {items!r} is neither a prefix nor a blend (it mixes weights and prefixes); write a blend as "
+            "[weight1, prefix1, weight2, prefix2, ...] or a list of prefixes only, weighted by dataset size."
         )
-    blend = []
-    for raw_weight, prefix in zip(items[0::2], items[1::2]):
-        try:
-            weight = float(raw_weight)
-        except (TypeError, ValueError):
-            weight = -1.0
-        if not math.isfinite(weight) or weight < 0 or not isinstance(prefix, (str, os.PathLike)):
-            raise DataError(
-                f"data.path entry ({raw_weight!r}, {prefix!r}) is not (weight, prefix); write a blend as "
-                "[weight1, prefix1, weight2, prefix2, ...] with non-negative weights."
-            )
-        blend.append((weight, os.fspath(prefix)))
-    if sum(w for w, _ in blend) <= 0:
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise DataError(f"data.path blend weights {weights} must be finite and non-negative; fix data.path.")
+    total = sum(weights)
+    if total <= 0:
+        raise DataError(f"data.path blend weights {weights} sum to zero; give some dataset a positive weight.")
+    return Blend(tuple(items[1::2]), tuple(w / total for w in weights))
+
+
+def _weight(item) -> float | None:
+    if isinstance(item, bool):
+        return None
+    if isinstance(item, (int, float)):
+        return float(item)
+    try:
+        return float(item)
+    except (TypeError, ValueError):
+        return None
+
+
+def _prefix(item, path) -> str:
+    if not isinstance(item, str) or _weight(item) is not None:
         raise DataError(
-            f"data.path blend weights {[w for w, _ in blend]} sum to zero; give some dataset a positive weight."
+            f"data.path {path!r} is neither a prefix nor a blend ({item!r} stands where a dataset prefix belongs); "
+            "write a blend as [weight1, prefix1, weight2, prefix2, ...] or a list of prefixes."
         )
-    return blend
+    return item

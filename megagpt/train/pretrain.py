@@ -54,6 +54,8 @@ def build_data(cfg: Config):
         cache_dir=cfg.data.cache_dir,
         synthetic=cfg.data.synthetic,
         vocab_size=cfg.model.vocab_size,
+        megatron_compat=cfg.data.megatron_compat,
+        split_paths=(cfg.data.train_path, cfg.data.valid_path, cfg.data.test_path),
     )
     # A dataset tokenized with another vocabulary shows in its first samples; fail before the run folder exists.
     for dataset in (train, valid):

@@ -77,17 +77,22 @@ def test_determinism_and_seed(corpus, tmp_path):
 
 
 def test_split_ranges():
-    assert split_documents(1000, "969,30,1") == [(0, 969), (969, 999), (999, 1000)]
-    assert split_documents(42, "969,30,1") == [(0, 41), (41, 42), (42, 42)]
-    assert split_documents(42, "95,5,0") == [(0, 40), (40, 42), (42, 42)]
-    assert split_documents(10, "1") == [(0, 10), (10, 10), (10, 10)]
-    assert split_documents(10, "0.98, 0.02") == [(0, 10), (10, 10), (10, 10)]
-    # 3.33 rounds to 3 three times; Megatron shifts the shortfall onto every boundary after the first.
-    assert split_documents(10, "1,1,1") == [(0, 4), (4, 7), (7, 10)]
-    assert split_documents(0, "969,30,1") == [(0, 0), (0, 0), (0, 0)]
+    # megagpt's earlier rule (data.megatron_compat=false): each part rounded on its own.
+    def old(n, split):
+        return split_documents(n, split, megatron_compat=False)
+
+    assert old(1000, "969,30,1") == [(0, 969), (969, 999), (999, 1000)]
+    assert old(42, "969,30,1") == [(0, 41), (41, 42), (42, 42)]
+    assert old(42, "95,5,0") == [(0, 40), (40, 42), (42, 42)]
+    assert old(10, "1") == [(0, 10), (10, 10), (10, 10)]
+    assert old(10, "0.98, 0.02") == [(0, 10), (10, 10), (10, 10)]
+    # 3.33 rounds to 3 three times; the shortfall shifts every boundary after the first.
+    assert old(10, "1,1,1") == [(0, 4), (4, 7), (7, 10)]
+    assert old(0, "969,30,1") == [(0, 0), (0, 0), (0, 0)]
     for bad in ("", "a,b", "1,2,3,4", "0,0,0", "-1,2"):
-        with pytest.raises(DataError, match="data.split"):
-            split_documents(10, bad)
+        for compat in (True, False):
+            with pytest.raises(DataError, match="data.split"):
+                split_documents(10, bad, compat)
 
 
 def test_cache_is_reused(corpus, tmp_path, monkeypatch):
@@ -184,7 +189,9 @@ def test_synthetic_sample_depends_only_on_seed_and_index():
 
 def test_build_datasets_single_prefix(corpus, tmp_path):
     indexed, _ = corpus
-    train, valid, test = build_datasets(str(indexed.prefix), "80,20,0", SEQ, 1, (100, 10, 0), cache_dir=tmp_path)
+    train, valid, test = build_datasets(
+        str(indexed.prefix), "80,20,0", SEQ, 1, (100, 10, 0), cache_dir=tmp_path, megatron_compat=False
+    )
     assert test is None
     assert isinstance(train, GPTDataset) and train.doc_range == (0, 24) and len(train) == 100
     assert isinstance(valid, GPTDataset) and valid.doc_range == (24, 30) and len(valid) == 10
@@ -194,7 +201,8 @@ def test_build_datasets_blend(corpus, tmp_path):
     indexed, docs = corpus
     other = tmp_path / "other"
     write_indexed_dataset(other, [d + 10_000 for d in docs], np.int32)
-    train, valid, _ = build_datasets([0.3, indexed.prefix, 0.7, str(other)], "90,10,0", SEQ, 1, (500, 20, 0), tmp_path)
+    blend = [0.3, indexed.prefix, 0.7, str(other)]
+    train, valid, _ = build_datasets(blend, "90,10,0", SEQ, 1, (500, 20, 0), tmp_path, megatron_compat=False)
     assert isinstance(train, BlendedDataset) and len(train) == 500
     assert [len(d) for d in train.datasets] == [math.ceil(0.3 * 500 * 1.005) + 1, math.ceil(0.7 * 500 * 1.005) + 1]
     from_other = [int(train[i][0]) >= 10_000 for i in range(len(train))]

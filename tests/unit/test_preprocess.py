@@ -29,8 +29,20 @@ def preprocess_cli(*args, cwd):
     )
 
 
-def expected_tokens(text, eod=True):
-    return get_tokenizer().encode_ordinary(text) + ([EOD_ID] if eod else [])
+def expected_tokens(text, eod=True, megatron_compat=True):
+    """Tokens written for one text, composed independently of the tokenizer's special-token handling.
+
+    Megatron's (default): a literal "<|endoftext|>" is the end-of-text token 50256, and an empty text gets no
+    tokens at all (Megatron appends the end-of-document token only to a non-empty document). megagpt's earlier
+    rule (--no-megatron-compat): the literal is ordinary text and every text ends with the token."""
+    encode = get_tokenizer().encode_ordinary
+    if not megatron_compat:
+        return encode(text) + ([EOD_ID] if eod else [])
+    parts = [encode(part) for part in text.split("<|endoftext|>")]
+    ids = parts[0]
+    for part in parts[1:]:
+        ids = ids + [EOD_ID] + part
+    return ids + ([EOD_ID] if eod and ids else [])
 
 
 def read_docs(prefix):
@@ -47,8 +59,20 @@ def test_jsonl_and_txt_through_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "documents: 5" in result.stdout
     docs = read_docs(tmp_path / "out" / "p")
-    assert docs == [expected_tokens(t) for t in TEXTS] + [expected_tokens("A whole file.\nIs one document.\n")]
+    texts = TEXTS + ["A whole file.\nIs one document.\n"]
+    # Megatron's tokens: the literal end-of-text string is the token, the empty text a document with no sequence.
+    assert docs == [expected_tokens(t) for t in texts if t]
+    assert 50256 in docs[1][:-1]
+    assert IndexedDataset(tmp_path / "out" / "p").document_indices.tolist() == [0, 1, 2, 2, 3, 4]
     assert open(tmp_path / "out" / "p.bin", "rb").read() == np.array(sum(docs, []), dtype="<u2").tobytes()
+
+    result = preprocess_cli(
+        "--input", "a.jsonl", "--input", "b.txt", "--output-prefix", "old/p", "--no-megatron-compat", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    docs = read_docs(tmp_path / "old" / "p")
+    assert docs == [expected_tokens(t, megatron_compat=False) for t in texts]
+    assert IndexedDataset(tmp_path / "old" / "p").document_indices.tolist() == [0, 1, 2, 3, 4, 5]
 
 
 def test_json_key_and_no_eod(tmp_path):
@@ -89,6 +113,8 @@ def test_pool_preserves_order_across_batches():
     parallel = list(tokenize_documents(iter(texts), workers=2, chunksize=4))
     assert [d.tolist() for d in parallel] == [d.tolist() for d in serial]
     assert [d.tolist() for d in serial] == [expected_tokens(t) for t in texts]
+    old_rule = list(tokenize_documents(texts, workers=2, chunksize=4, megatron_compat=False))
+    assert [d.tolist() for d in old_rule] == [expected_tokens(t, megatron_compat=False) for t in texts]
 
 
 def test_demo_corpus(tmp_path):
