@@ -20,10 +20,10 @@ from megagpt.config import Config, config_from_dict
 from megagpt.model.gpt import GPT
 from megagpt.parallel.comm import shutdown
 from megagpt.parallel.context import ParallelContext
+from megagpt.parallel.params import copy_spec
 from megagpt.parallel.random import TensorParallelRNG
 from megagpt.train.checkpoint import copy_weights, latest_checkpoint, shards_of
 from megagpt.train.checkpoint_format import METADATA, SavedCheckpoint
-from megagpt.train.optimizer import MARKS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,12 +57,11 @@ def load_for_inference(path: str | Path, ctx: ParallelContext, precision: str = 
     rng = TensorParallelRNG(cfg.train.seed, tp.index, ctx.device) if tp.size > 1 else None
     with torch.device("meta"):
         model = GPT(cfg.model, tp, rng=rng, init_seed=0)
-    # to_empty makes new Parameter objects off the meta device: carry the tensor-parallel marks over.
-    marks = {name: {m: getattr(p, m) for m in MARKS if hasattr(p, m)} for name, p in model.named_parameters()}
+    # to_empty makes new Parameter objects off the meta device: carry each parameter's ParamSpec over.
+    planned = dict(model.named_parameters())
     model = model.to_empty(device=ctx.device).to(DTYPES[precision])
     for name, param in model.named_parameters():
-        for mark, value in marks[name].items():
-            setattr(param, mark, value)
+        copy_spec(planned[name], param)
     for _ in copy_weights(saved, shards_of([model], tp), cfg.model.vocab_size):
         pass
     return model.eval(), cfg

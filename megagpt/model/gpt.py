@@ -39,6 +39,7 @@ from megagpt.model.attention import causal_attention, pick_backend
 from megagpt.model.loss import linear_cross_entropy
 from megagpt.parallel.comm import copy_to_group, gather_from_group, gather_from_sequence
 from megagpt.parallel.context import Group
+from megagpt.parallel.params import update_spec
 from megagpt.parallel.random import TensorParallelRNG, checkpoint
 from megagpt.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -159,8 +160,9 @@ class GPT(nn.Module):
     layers: the global indices of the transformer layers held here (default: all).
     pre_process: holds the embeddings and takes token ids (the first pipeline stage).
     post_process: holds the final LayerNorm, the output layer and the loss (the last pipeline stage). A last stage
-        that is not also the first keeps its own copy of the token embedding for the tied output layer, marked
-        `embedding_replica`: its gradient is summed with the first stage's over the embedding group.
+        that is not also the first keeps its own copy of the token embedding for the tied output layer: both
+        holders are marked tied_embedding (their gradients are summed over the embedding group), the last
+        stage's copy also embedding_copy (parallel/params.py).
     sequence_parallel: keep the residual stream sharded along the sequence between blocks.
     rng: the two dropout streams (megagpt/parallel/random.py); needed when the layers are split, since
         dropout must then differ across ranks in split regions and agree in replicated ones.
@@ -213,7 +215,7 @@ class GPT(nn.Module):
                     init_std=cfg.init_std,
                     sequence_parallel=self.sequence_parallel and pre_process,
                 )
-                self.wte.weight.embedding_replica = not pre_process
+                update_spec(self.wte.weight, tied_embedding=True, embedding_copy=not pre_process)
         if pre_process:
             with seeded(base_seed, 1):
                 self.wpe = nn.Embedding(max_positions(cfg), cfg.hidden_size)

@@ -17,14 +17,15 @@ pipeline, with other micro-batches). `finish()` waits for the reductions.
 everything with zero=0, its slices with zero=1. The optimizer (train/optimizer.py) keeps its state for those.
 
 Buckets are filled in reverse parameter order, the order backward produces gradients in. The tied token embedding
-gets a bucket of its own, so that under zero=1 the first and last pipeline stages slice it identically and its
-gradient can be summed between them slice by slice (Megatron does the same).
+gets a bucket of its own (ParamSpec.own_bucket, parallel/params.py), so that under zero=1 the first and last
+pipeline stages slice it identically and its gradient can be summed between them slice by slice (as Megatron).
 
     buckets = GradBuckets(model.parameters(), dp_group, bucket_bytes=25e6, shard=False)
     buckets.start_step(len(micro_batches))
     for micro_batch in micro_batches:
         (loss(micro_batch) / len(micro_batches)).backward()
-    buckets.finish()        # main_grad holds the dp mean (in this rank's slices with shard=True)
+    buckets.finish()        # main_grad holds the dp mean (in this rank's slices with shard=True); a trainer
+                            # calls finalize_grads (parallel/grads.py), which does this and the tp/pp sums
     ... update the owned pieces ...
     buckets.gather_params() # shard=True: every rank gets every slice's updated parameters
     buckets.zero()
@@ -38,6 +39,7 @@ import torch
 
 from megagpt.parallel.comm import all_gather_flat, all_reduce, named_failure, reduce_scatter_flat
 from megagpt.parallel.context import Group
+from megagpt.parallel.params import spec_of
 
 
 @dataclass
@@ -50,11 +52,6 @@ class Bucket:
     work: object = None  # the in-flight reduction
     launched: bool = False
     launched_after: int = -1  # how many of all the parameters' gradients were ready when it started (observability)
-
-
-def is_tied_embedding(param: torch.nn.Parameter) -> bool:
-    """The token embedding, on the stage that embeds tokens or on the last stage's copy for the output layer."""
-    return hasattr(param, "embedding_replica")
 
 
 class GradBuckets:
@@ -70,7 +67,7 @@ class GradBuckets:
 
         groups, current, size = [], [], 0
         for param in reversed(self.params):
-            if is_tied_embedding(param):
+            if spec_of(param).own_bucket:
                 groups += [current, [param]] if current else [[param]]
                 current, size = [], 0
                 continue

@@ -1,12 +1,9 @@
 """Tensor-parallel layers (Megatron-style). With a group of one rank they are plain Linear / Embedding.
 
 Weights are drawn as the full matrix from the global RNG and then sliced, so every layout starts from the same
-model for the same seed. Parameters carry two marks the optimizer side reads:
-
-    param.tensor_parallel = True     this rank holds a slice; the slices, concatenated in rank order along
-                                     param.partition_dim, are the parameter
-    param.sequence_parallel = True   replicated across tp but fed a sequence shard: its gradient is a partial
-                                     sum that must be all-reduced over the tp group (LayerNorms, row biases)
+model for the same seed. Each parameter's ParamSpec (parallel/params.py) says how it is held: split weights get
+tp_split_dim (the slices, concatenated in rank order along it, are the parameter); replicated parameters fed a
+sequence shard get sequence_parallel (their gradient is a partial sum over the tp group: LayerNorms, row biases).
 """
 
 from __future__ import annotations
@@ -23,6 +20,7 @@ from megagpt.parallel.comm import (
     reduce_scatter_to_sequence,
 )
 from megagpt.parallel.context import Group
+from megagpt.parallel.params import update_spec
 
 
 def divide(n: int, parts: int, what: str) -> int:
@@ -39,15 +37,14 @@ def _shard_of_full_init(rows: int, cols: int, std: float, dim: int, group: Group
 
 
 def mark_tensor_parallel(param: nn.Parameter, partition_dim: int) -> nn.Parameter:
-    param.tensor_parallel = True
-    param.partition_dim = partition_dim
-    return param
+    """This rank holds the partition_dim slice of the parameter."""
+    return update_spec(param, tp_split_dim=partition_dim)
 
 
 def mark_sequence_parallel(module: nn.Module, enabled: bool) -> None:
     """Mark a replicated module's parameters as fed by sequence shards (their grads need a tp all-reduce)."""
     for param in module.parameters():
-        param.sequence_parallel = enabled
+        update_spec(param, sequence_parallel=enabled)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -106,7 +103,7 @@ class RowParallelLinear(nn.Module):
         # The bias is added once, after the sum over ranks, so it is replicated.
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         if self.bias is not None:
-            self.bias.sequence_parallel = sequence_parallel
+            update_spec(self.bias, sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in/tp) -> (b, s, out) or (b, s/tp, out)
         y = F.linear(x, self.weight)

@@ -48,6 +48,7 @@ from megagpt.config import Config
 from megagpt.errors import UserError
 from megagpt.log import get_logger
 from megagpt.parallel.comm import all_gather, all_reduce, barrier, broadcast_text
+from megagpt.parallel.params import spec_of
 from megagpt.train.checkpoint_format import (
     FORMAT,
     METADATA,
@@ -105,13 +106,13 @@ def shards_of(chunks, tp_group) -> dict[torch.nn.Parameter, TensorShard]:
 def writes_weight(param, shard: TensorShard, tp_index: int, dp_index: int) -> bool:
     """Each tensor is written once: dp rank 0 writes the weights, tp rank 0 what tp replicates, and the last
     stage's copy of the tied token embedding is left to the first stage (they are equal)."""
-    replica = getattr(param, "embedding_replica", False)
+    replica = spec_of(param).embedding_copy
     return dp_index == 0 and (shard.dim >= 0 or tp_index == 0) and not replica
 
 
 def writes_state(param, shard: TensorShard, tp_index: int, dp_index: int, zero: bool) -> bool:
     """Optimizer state: as the weights, except that with ZeRO-1 each dp rank writes its own slices."""
-    replica = getattr(param, "embedding_replica", False)
+    replica = spec_of(param).embedding_copy
     return (dp_index == 0 or zero) and (shard.dim >= 0 or tp_index == 0) and not replica
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from megagpt.errors import UserError
+from megagpt.parallel.params import spec_of
 
 FORMAT = 1
 METADATA = "metadata.json"
@@ -63,8 +64,9 @@ class TensorShard:
 
     @staticmethod
     def of(name: str, param: torch.Tensor, tp_rank: int, tp_size: int) -> TensorShard:
-        split = getattr(param, "tensor_parallel", False) and tp_size > 1
-        dim = param.partition_dim if split else -1
+        spec = spec_of(param)
+        split = spec.tp_split and tp_size > 1
+        dim = spec.tp_split_dim if split else -1
         return TensorShard(name, tuple(param.shape), dim, tp_rank if split else 0, tp_size if split else 1)
 
     def full_shape(self) -> tuple[int, ...]:

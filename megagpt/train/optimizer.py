@@ -10,9 +10,9 @@ The optimizer works on *pieces*: 1-D ranges of the flattened model parameters, t
 owns (whole parameters with zero=0, this rank's 1/dp slices with zero=1). AdamW is elementwise, so updating a
 parameter piece by piece is exactly updating it whole. Each piece is an fp32 nn.Parameter whose .grad is a view
 of main_grad: for an fp32 model it is a view of the model parameter itself (updated in place, no copy); for
-bf16/fp16 it is an fp32 copy, the main weight, written back to the model after every step. Each piece keeps the
-marks of its parameter (tensor_parallel, sequence_parallel, embedding_replica), so the gradient reductions and
-the global norm treat it as they would the parameter.
+bf16/fp16 it is an fp32 copy, the main weight, written back to the model after every step. Each piece carries the
+ParamSpec of its parameter (parallel/params.py), so finalize_grads and the global norm (parallel/grads.py) treat
+it as they would the parameter.
 
 Weight decay applies to matrices only (not to biases and LayerNorm parameters), decided on the model parameter.
 """
@@ -25,15 +25,9 @@ from megagpt.config import OptimConfig
 from megagpt.parallel.comm import all_reduce
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
-from megagpt.train.grads import (
-    allreduce_embedding_grads,
-    allreduce_sequence_parallel_grads,
-    clip_grads,
-    global_grad_norm,
-)
+from megagpt.parallel.grads import clip_grads, finalize_grads, global_grad_norm
+from megagpt.parallel.params import copy_spec
 from megagpt.train.loss_scaler import LossScaler
-
-MARKS = ("tensor_parallel", "partition_dim", "sequence_parallel", "embedding_replica")
 
 
 def decays(param: torch.nn.Parameter) -> bool:
@@ -57,9 +51,7 @@ class MainParamOptimizer:
             flat = param.detach().view(-1)[start:end]
             main = torch.nn.Parameter(flat if param.dtype == torch.float32 else flat.float())
             main.grad = param.main_grad.view(-1)[start:end]
-            for mark in MARKS:
-                if hasattr(param, mark):
-                    setattr(main, mark, getattr(param, mark))
+            copy_spec(param, main)
             self.pieces.append((param, start, end, main))
         self.mains = [main for *_, main in self.pieces]
         # An fp32 model is updated in place through its pieces; a low-precision one gets the fp32 copies back.
@@ -87,11 +79,8 @@ class MainParamOptimizer:
             }
 
     def finish_gradients(self) -> None:
-        """After backward: wait for the dp reduction, then sum what tp ranks and the tied embedding's two stages
-        hold partially. Works on this rank's pieces, which zero=1 lays out alike on every rank that must agree."""
-        self.grads.finish()
-        allreduce_sequence_parallel_grads(self.mains, self.ctx.tp_group)
-        allreduce_embedding_grads(self.mains, self.ctx.embedding_group)
+        """After backward: finalize_grads on this rank's pieces (dp mean, then the tp and tied-embedding sums)."""
+        finalize_grads(self.grads, self.mains, self.ctx)
 
     def grad_norm(self) -> torch.Tensor:
         ctx = self.ctx

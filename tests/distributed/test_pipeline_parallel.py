@@ -57,6 +57,7 @@ def one_step_gradients(cfg, ctx):
     """Run the first step's forward and backward; return its loss, record, and {name: full gradient}."""
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.comm import all_gather
+    from megagpt.parallel.params import spec_of
     from megagpt.train.pretrain import build_trainer
 
     data = SyntheticDataset(64, cfg.model.seq_length, cfg.model.vocab_size, seed=5)
@@ -66,8 +67,8 @@ def one_step_gradients(cfg, ctx):
     for chunk in trainer.chunks:
         for name, param in chunk.named_parameters():
             grad = param.main_grad
-            if getattr(param, "tensor_parallel", False):
-                grad = all_gather(grad, param.partition_dim, ctx.tp_group)
+            if spec_of(param).tp_split:
+                grad = all_gather(grad, spec_of(param).tp_split_dim, ctx.tp_group)
             grads[name] = grad
     return loss, record, grads
 

@@ -52,10 +52,12 @@ def parity_config(tp: int, dp: int, sp: bool, run_dir: str, heads: int | None = 
 def full_tensor(param: torch.Tensor, like: torch.nn.Parameter, tp_group) -> torch.Tensor:
     """Gather a tensor-parallel parameter's (or its gradient's) slices back into the full tensor."""
     from megagpt.parallel.comm import all_gather
+    from megagpt.parallel.params import spec_of
 
-    if not getattr(like, "tensor_parallel", False):
+    spec = spec_of(like)
+    if not spec.tp_split:
         return param
-    return all_gather(param, like.partition_dim, tp_group)
+    return all_gather(param, spec.tp_split_dim, tp_group)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -34,13 +34,14 @@ def fp16_overflow_check(ctx, run_dir: str, poisoned_rank: int) -> list[tuple]:
     parameter replicated across tp, which the gradient norm counts on tp rank 0 only, at steps 3 and 4. Returns,
     per step: (skipped, scale before, scale after, whether any parameter changed)."""
     from megagpt.data.gpt_dataset import SyntheticDataset
+    from megagpt.parallel.params import spec_of
     from megagpt.train.pretrain import build_trainer
 
     cfg = pipeline_config(2, 2, 1, False, 4, run_dir, "train.precision=fp16", "train.initial_loss_scale=1024")
     data = SyntheticDataset(64, cfg.model.seq_length, cfg.model.vocab_size, seed=5)
     trainer = build_trainer(cfg, ctx, data, None, None)
     finish = trainer.optimizer.finish_gradients
-    replicated = next(m for m in trainer.optimizer.mains if not getattr(m, "tensor_parallel", False))
+    replicated = next(m for m in trainer.optimizer.mains if not spec_of(m).tp_split)
 
     def finish_then_poison():
         finish()
