@@ -11,21 +11,13 @@ Memory per GPU, on the fullest rank (the first pipeline stage, or the last where
     optimizer      Adam's two fp32 moments (8 bytes a parameter), plus fp32 main weights when the model is not fp32
                    (4 more); ZeRO-1 divides them by dp
     activations    what backward keeps, per layer and micro-batch, after Korthikanti et al. (2022), "Reducing
-                   Activation Recomputation in Large Transformer Models": their 34 s b h + 5 a s^2 b bytes (fp16) are
-                   terms of the tensors saved for backward. Counted here in elements of the compute dtype for
-                   megagpt's layers, with the same structure:
-                     LayerNorm inputs                      2 s b h
-                     attention: qkv input, q k v, output   5 s b h  (+1 s b h, the output's head-major copy)
-                     attention probabilities               dense: none (Flash keeps none) unless attention dropout
-                                                           on CPU falls back to the math path: a s^2 b (+ a mask);
-                                                           local (blocked): a s W b, W = the window + 64 keys
-                     MLP: fc input, GELU input and output  9 s b h
-                     dropout masks                         2 s b h bytes (when dropout > 0)
-                   Tensor parallelism divides the attention and MLP terms by t; sequence parallelism also the
-                   LayerNorm and dropout terms. selective recomputation drops the attention core's terms (it keeps
-                   q, k, v); full keeps only each layer's input (s b h, / t with sequence parallelism) and
-                   recomputes one layer at a time in backward. The pipeline multiplies by the micro-batches a stage
-                   holds (1F1B: up to pp on the first stage; interleaved: up to 2 (pp - 1) + (vpp - 1) pp + 1 chunks).
+                   Activation Recomputation in Large Transformer Models" (their 34 s b h + 5 a s^2 b bytes in fp16
+                   are terms of the tensors saved for backward), counted for megagpt's layers and attention
+                   backends in layer_activation_elements, whose terms a test measures at tp 1, 2, 4 with and
+                   without sequence parallelism and for every recompute mode. The pipeline multiplies by the
+                   micro-batches a stage holds (1F1B: up to pp on the first stage; interleaved: up to
+                   2 (pp - 1) + (vpp - 1) pp + 1 chunks); full recomputation adds one layer's activations, rerun
+                   in backward one layer at a time.
     output layer   the last stage's loss pass: its input and the input gradient (2 s b h), the fp32 gradient of the
                    embedding it computes in the forward (V h / t x 4), and one chunk of fp32 logits (1024 rows x V / t)
                    or, in backward, the gradient's copy in the weight's dtype, whichever is larger.
@@ -35,9 +27,14 @@ per layer forward, x3 with backward), where s_eff is the mean over layers of the
 against: s for a dense layer (the convention does not halve for causality) and the window for a local one.
 Recomputation adds hardware FLOPs, not model FLOPs: selective the attention core's forward (4 B s keys h per
 layer), full each layer's whole forward (24 B s h^2 + 4 B s keys h); the output layer is never recomputed.
-Step time = model FLOPs / (GPUs x peak x MFU) x (1 + bubble): the stated MFU is the utilization while the
-pipeline computes, and HFU = MFU x hardware / model FLOPs. Pipeline bubble: (pp - 1) / (vpp m), m = micro-batches
-per step per replica.
+Step time, two ways, by what the user knows:
+- an assumed MFU (--mfu): model FLOPs / (GPUs x peak x MFU) x (1 + bubble). The MFU is the utilization while the
+  pipeline computes, so the bubble comes on top; HFU = MFU x hardware / model FLOPs.
+- a measured throughput (--tflops-per-gpu X, as Megatron logs and the papers report): FLOPs / (GPUs x X), with
+  no bubble added, since a measured throughput already contains it. Its FLOP convention must be stated:
+  "hardware" (the default; Narayanan et al. 2021's 140 TFLOP/s count the forward that recomputation repeats,
+  their eq. (3)) or "model" (recomputation not counted).
+Pipeline bubble: (pp - 1) / (vpp m), m = micro-batches per step per replica.
 """
 
 from __future__ import annotations
@@ -45,6 +42,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from megagpt.config import Config, data_parallel_size, max_positions, padded_vocab_size
+from megagpt.model.blocked_attention import default_block_size
 from megagpt.parallel.pipeline import max_alive_promised, stage_layers, virtual_stage
 from megagpt.train.schedules import total_train_samples
 
@@ -52,7 +50,6 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Dense bf16 matmul peaks (TFLOP/s, no sparsity) of the GPUs the tool knows.
 GPU_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 LOSS_CHUNK_ROWS = 1024  # model/loss.py
-BLOCK = 64  # model/blocked_attention.py's block for GPT-3's window
 
 
 @dataclass
@@ -107,29 +104,62 @@ def model_params(cfg: Config, tp: int = 1) -> int:
 def layer_activation_elements(
     cfg: Config, tp: int, sp: bool, window: int | None, micro_batch: int
 ) -> tuple[float, float]:
-    """(elements of the compute dtype, bytes of masks) one layer keeps for backward per micro-batch."""
+    """(elements of the compute dtype, bytes of masks) one layer keeps for backward per micro-batch.
+
+    Calibrated against what one megagpt layer keeps alive between forward and backward, measured at tp 1, 2 and
+    4, with and without sequence parallelism, for each recompute mode, dense and local, with and without dropout
+    (tests/distributed/test_activation_memory.py). In units of s b h elements:
+
+        replicated, or sequence-sharded (/t) under SP: the two LayerNorm inputs and the two column-parallel
+            inputs (qkv's and fc's: each rank holds them whole without SP; under SP the column-parallel layer
+            keeps its sequence shard and gathers it again in backward)                                  4
+        split by tp (/t): q, k, v (views of the qkv output) and the attention output                      4
+                          the GELU's input and output                                                  4 + 4
+        the two residual dropouts' masks (dropout > 0), like the LayerNorm inputs: bool bytes on a GPU, the
+            compute dtype on CPU                                                                           2
+        the attention core, when not recomputed, by backend: Flash-like kernels (sdpa on a GPU, or on CPU
+            without dropout; Flex for local layers on a GPU without dropout) keep nothing more; sdpa's math path
+            (CPU with dropout) keeps the probabilities, the dropout mask and the dropped probabilities (3 a s^2 b);
+            blocked local attention (CPU, or dropout on a GPU) keeps its own copies of q, k, v and output (+1
+            s b h) and the band's probabilities, a S W b for W keys per query block (+ a bool keep mask with
+            dropout)
+    selective recomputation keeps none of the core's extra tensors; full keeps only the layer's input (/t with
+    SP). With dropout and TP + SP on a GPU this is Korthikanti et al.'s 34 s b h / t bytes (fp16) for selective
+    recomputation and 2 s b h / t for full.
+    """
     m, p = cfg.model, cfg.parallel
     s, b, h, a = m.seq_length, micro_batch, m.hidden_size, m.num_heads
     sbh = s * b * h
+    cpu = cfg.train.device == "cpu"  # planning (device auto) assumes GPUs
     dropout = m.dropout > 0
-    split_outside = tp if sp else 1  # LayerNorms and dropouts are split only under sequence parallelism
+    outside = tp if sp else 1  # what tensor parallelism leaves whole is sequence-sharded only under SP
     if p.recompute == "full":
-        return sbh / split_outside, 0.0
-    layer_norms = 2 * sbh / split_outside
-    mlp = 9 * sbh / tp
-    masks = 2 * sbh / split_outside if dropout else 0.0
+        return sbh / outside, 0.0
+    elements = 4 * sbh / outside + 12 * sbh / tp
+    masks = 0.0
+    if dropout:
+        if cpu:
+            elements += 2 * sbh / outside
+        else:
+            masks += 2 * sbh / outside
     if p.recompute == "selective":
-        attention = 4 * sbh / tp  # the checkpoint keeps the layer's qkv input and q, k, v
-    else:
-        attention = 6 * sbh / tp
-        if window is not None and window < s:
-            keys = -(-(window - 1) // BLOCK) * BLOCK + BLOCK
-            attention += a * s * min(keys, s) * b / tp
-            masks += a * s * min(keys, s) * b / tp if dropout else 0.0
-        elif dropout and cfg.train.device == "cpu":
-            attention += 2 * a * s * s * b / tp  # the math path keeps the probabilities, before and after dropout
-            masks += a * s * s * b / tp
-    return layer_norms + attention + mlp, masks
+        return elements, masks
+    local = window is not None and window < s
+    if local and (cpu or dropout):  # the blocked kernel (on a GPU Flex serves local layers without dropout)
+        block = default_block_size(window)
+        keys = -(-(window - 1) // block) * block + block  # W: the window rounded up to blocks, plus one block
+        padded = -(-s // block) * block  # S
+        elements += sbh / tp + a * padded * keys * b / tp
+        masks += a * padded * keys * b / tp if dropout else 0.0
+    elif not local and cpu and dropout:  # sdpa's math path keeps the (b, a, s, s) tensors
+        elements += 3 * a * s * s * b / tp
+    return elements, masks
+
+
+def layer_activation_bytes(cfg: Config, tp: int, sp: bool, window: int | None, micro_batch: int) -> float:
+    """Bytes one layer keeps for backward per micro-batch (layer_activation_elements in the compute dtype)."""
+    elements, masks = layer_activation_elements(cfg, tp, sp, window, micro_batch)
+    return elements * DTYPE_BYTES[cfg.train.precision] + masks
 
 
 def stage_estimate(cfg: Config, world_size: int, stage: int, micro_batches: int | None = None) -> StageEstimate:
@@ -233,8 +263,17 @@ def hardware_flops_per_step(cfg: Config) -> float:
     return model_flops_per_step(cfg) + repeated
 
 
-def estimate(cfg: Config, world_size: int, gpu: str = "h100", mfu: float = 0.4, tokens: float | None = None) -> dict:
-    """Everything tools/estimate.py prints, as a dict."""
+def estimate(
+    cfg: Config,
+    world_size: int,
+    gpu: str = "h100",
+    mfu: float = 0.4,
+    tokens: float | None = None,
+    tflops_per_gpu: float | None = None,
+    flops_convention: str = "hardware",
+) -> dict:
+    """Everything tools/estimate.py prints, as a dict. With tflops_per_gpu the step time comes from that measured
+    throughput, counted in flops_convention ("hardware" or "model" FLOPs), instead of from the MFU."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = data_parallel_size(cfg, world_size)
     micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
@@ -242,9 +281,15 @@ def estimate(cfg: Config, world_size: int, gpu: str = "h100", mfu: float = 0.4, 
     fullest = max(stages, key=lambda st: st.total_bytes)
     flops, hardware_flops = model_flops_per_step(cfg), hardware_flops_per_step(cfg)
     peak = GPU_PEAK_TFLOPS[gpu] * 1e12
-    step_seconds = flops / (world_size * peak * mfu)
     bubble = (p.pp - 1) / (p.vpp * micro_batches) if p.pp > 1 else 0.0
-    step_seconds *= 1 + bubble
+    if tflops_per_gpu is None:
+        step_seconds = flops / (world_size * peak * mfu) * (1 + bubble)
+    else:
+        if flops_convention not in ("hardware", "model"):
+            raise ValueError(f"flops_convention={flops_convention!r}; use hardware or model")
+        counted = hardware_flops if flops_convention == "hardware" else flops
+        step_seconds = counted / (world_size * tflops_per_gpu * 1e12)  # the bubble is inside a measured rate
+        mfu = flops / (step_seconds * world_size * peak)  # what that rate means on this GPU
     tokens = tokens if tokens is not None else total_train_samples(t) * m.seq_length
     steps = tokens / (t.global_batch_size * m.seq_length)
     return {
@@ -261,6 +306,9 @@ def estimate(cfg: Config, world_size: int, gpu: str = "h100", mfu: float = 0.4, 
         "micro_batches_per_step": micro_batches,
         "pipeline_bubble": bubble,
         "gpu": gpu,
+        "throughput": (
+            {"tflops_per_gpu": tflops_per_gpu, "flops_convention": flops_convention} if tflops_per_gpu else None
+        ),
         "mfu": mfu,
         "hfu": mfu * hardware_flops / flops,
         "step_seconds": step_seconds,
@@ -271,6 +319,16 @@ def estimate(cfg: Config, world_size: int, gpu: str = "h100", mfu: float = 0.4, 
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def _speed(result: dict) -> str:
+    measured = result["throughput"]
+    if measured is None:
+        return f"at {result['mfu']:.0%} MFU ({result['hfu']:.1%} HFU) on {result['gpu']}: "
+    return (
+        f"at a measured {measured['tflops_per_gpu']:g} TFLOP/s per GPU ({measured['flops_convention']} FLOPs; "
+        f"{result['mfu']:.1%} MFU on {result['gpu']}, bubble included): "
+    )
 
 
 def report(result: dict) -> str:
@@ -289,8 +347,7 @@ def report(result: dict) -> str:
         f"model FLOPs per step: {result['model_flops_per_step'] / 1e15:.2f} PFLOP (with recomputation "
         f"{result['hardware_flops_per_step'] / 1e15:.2f}); {result['micro_batches_per_step']} "
         f"micro-batches per replica; pipeline bubble {result['pipeline_bubble']:.1%}",
-        f"at {result['mfu']:.0%} MFU ({result['hfu']:.1%} HFU) on {result['gpu']}: "
-        f"{result['step_seconds']:.2f} s per step, "
+        _speed(result) + f"{result['step_seconds']:.2f} s per step, "
         f"{result['days']:.1f} days for {result['tokens'] / 1e9:.0f}B tokens",
     ]
     return "\n".join(lines)

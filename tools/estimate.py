@@ -4,6 +4,13 @@ days for its token budget at a given MFU. The accounting is in megagpt/estimate.
 
     python tools/estimate.py --config configs/gpt3-175b.yaml --tp 8 --pp 16 --dp 8 --zero 1 \\
         --recompute selective --sequence-parallel --gpu h100 [--mfu 0.4] [--tokens 300e9] [--json]
+    # time from a measured throughput instead of an assumed MFU: Narayanan et al. (2021), 175B on 1024 A100s
+    python tools/estimate.py --config configs/gpt3-175b.yaml --tp 8 --pp 16 --dp 8 --recompute full \\
+        --gpu a100 --tflops-per-gpu 140 --flops-convention hardware --tokens 300e9
+
+--mfu is an assumed model FLOPs utilization while the pipeline computes: the bubble is added on top.
+--tflops-per-gpu is a measured throughput, bubble included, counted in --flops-convention: "hardware" (with the
+forward that recomputation repeats, as Megatron's papers count) or "model".
 
 Layout flags override the config's parallel.* and train.* keys; --dp sets the world size to tp x pp x dp.
 """
@@ -32,6 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--gpu", choices=("h100", "h200", "a100"), default="h100")
     parser.add_argument("--mfu", type=float, default=0.4, help="the model FLOPs utilization to predict time at")
+    parser.add_argument(
+        "--tflops-per-gpu", type=float, default=None, help="a measured throughput to predict time at, instead of --mfu"
+    )
+    parser.add_argument(
+        "--flops-convention",
+        choices=("hardware", "model"),
+        default="hardware",
+        help="what --tflops-per-gpu counts: hardware FLOPs (with recomputation; the default) or model FLOPs",
+    )
     parser.add_argument("--tokens", type=float, default=None, help="token budget (default: the config's)")
     parser.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
@@ -57,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--mfu={args.mfu} must be in (0, 1]")
         if args.tokens is not None and not args.tokens > 0:  # also NaN
             raise UserError(f"--tokens={args.tokens:g} must be a positive token budget, e.g. 300e9")
-        result = estimate(cfg, world, args.gpu, args.mfu, args.tokens)
+        if args.tflops_per_gpu is not None and not args.tflops_per_gpu > 0:
+            raise UserError(f"--tflops-per-gpu={args.tflops_per_gpu:g} must be a positive throughput, e.g. 140")
+        result = estimate(cfg, world, args.gpu, args.mfu, args.tokens, args.tflops_per_gpu, args.flops_convention)
         print(json.dumps(result, indent=1) if args.json else report(result))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -37,7 +37,7 @@ from megagpt.config import ModelConfig, max_positions, padded_vocab_size
 from megagpt.kernels import LayerNorm
 from megagpt.model.attention import causal_attention, pick_backend
 from megagpt.model.loss import linear_cross_entropy
-from megagpt.parallel.comm import copy_to_group, gather_from_group, gather_from_sequence
+from megagpt.parallel.comm import copy_to_group, gather_from_group
 from megagpt.parallel.context import Group
 from megagpt.parallel.params import update_spec
 from megagpt.parallel.random import TensorParallelRNG, checkpoint
@@ -47,6 +47,7 @@ from megagpt.parallel.tensor_parallel import (
     VocabParallelEmbedding,
     divide,
     mark_sequence_parallel,
+    sequence_parallel_linear,
     vocab_parallel_cross_entropy,
 )
 
@@ -262,8 +263,12 @@ class GPT(nn.Module):
 
     def head(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         # The output layer is tied to the token embedding: every rank multiplies the full sequence by its
-        # vocabulary slice, (b, s, h) @ (h, V/tp) -> (b, s, V/tp).
-        x = gather_from_sequence(x, self.tp_group) if self.sequence_parallel else copy_to_group(x, self.tp_group)
+        # vocabulary slice, (b, s, h) @ (h, V/tp) -> (b, s, V/tp). Under sequence parallelism the gathered
+        # sequence is not kept for backward, only this rank's shard (as in the column-parallel layers).
+        if self.sequence_parallel:
+            logits = sequence_parallel_linear(x, self.wte.weight, None, self.tp_group).float()
+            return self.vocab_parallel_loss(logits, labels)
+        x = copy_to_group(x, self.tp_group)
         if self.tp_group.size == 1:
             # The padded vocabulary rows are not tokens: leave them out of the matmul and the softmax.
             weight = self.wte.weight[: self.vocab_size]
@@ -272,7 +277,10 @@ class GPT(nn.Module):
             # Softmax and loss in fp32 whatever the compute precision, chunk by chunk (model/loss.py).
             return linear_cross_entropy(x.flatten(0, 1), weight, labels.flatten())
 
-        logits = F.linear(x, self.wte.weight).float()  # (b, s, V_padded/tp)
+        return self.vocab_parallel_loss(F.linear(x, self.wte.weight).float(), labels)
+
+    def vocab_parallel_loss(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """(b, s, V_padded/tp) fp32 logits of this rank's vocabulary slice -> the gathered logits, or the loss."""
         vocab_ids = torch.arange(self.wte.vocab_start, self.wte.vocab_end, device=logits.device)
         logits = logits.masked_fill(vocab_ids >= self.vocab_size, float("-inf"))  # padding gets no probability
         if labels is None:

@@ -9,12 +9,13 @@ Tensor parallelism (Megatron's mappings), activations (b, s, h) with the sequenc
 Sequence parallelism replaces the all-reduces around each tensor-parallel block:
 
     scatter_to_sequence        forward: split (seq dim)        backward: all-gather (seq dim)
-    gather_from_sequence       forward: all-gather (seq dim)   backward: reduce-scatter (seq dim)
     reduce_scatter_to_sequence forward: reduce-scatter (seq)   backward: all-gather (seq dim)
 
-Column-parallel layers consume the full input on every rank, so its gradient is the sum of the ranks' partial
-gradients (copy_to_group / gather_from_sequence); row-parallel layers produce partial sums of the output
-(reduce_from_group / reduce_scatter_to_sequence).
+and the column-parallel layers all-gather their sequence shard themselves (tensor_parallel.py's
+sequence_parallel_linear: forward all-gather; backward all-gather again, reduce-scatter the input gradient), so
+that only the shard is kept for backward. Column-parallel layers consume the full input on every rank, so its
+gradient is the sum of the ranks' partial gradients (copy_to_group, or that reduce-scatter); row-parallel layers
+produce partial sums of the output (reduce_from_group / reduce_scatter_to_sequence).
 
 `comm_stats` counts the calls and bytes of each collective in this process, for benchmarks.
 """
@@ -82,29 +83,37 @@ def _check_divisible(x: torch.Tensor, dim: int, group: Group) -> None:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split evenly over {group.size} ranks")
 
 
-def all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    """Concatenate the ranks' x along dim, in rank order."""
+def all_gather(x: torch.Tensor, dim: int, group: Group, async_op: bool = False):
+    """Concatenate the ranks' x along dim, in rank order. With async_op, (result, work): the result is filled
+    once work.wait() returns (work is None for a group of one rank)."""
     if group.size == 1:
-        return x
+        return (x, None) if async_op else x
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((group.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     _count("all_gather", out)  # every collective counts its full (unsharded) tensor
     with named_failure("all-gather", group):
-        _all_gather_flat(out, x, group=group.handle)
-    return out.movedim(0, dim)
+        work = _all_gather_flat(out, x, group=group.handle, async_op=async_op)
+    return (out.movedim(0, dim), work) if async_op else out.movedim(0, dim)
 
 
-def reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    """Sum x over the ranks and keep this rank's slice along dim."""
+def reduce_scatter(x: torch.Tensor, dim: int, group: Group, async_op: bool = False):
+    """Sum x over the ranks and keep this rank's slice along dim. With async_op, (result, work) as all_gather."""
     if group.size == 1:
-        return x
+        return (x, None) if async_op else x
     _check_divisible(x, dim, group)
     _count("reduce_scatter", x)
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((x.shape[0] // group.size, *x.shape[1:]), dtype=x.dtype, device=x.device)
     with named_failure("reduce-scatter", group):
-        _reduce_scatter_flat(out, x, group=group.handle)
-    return out.movedim(0, dim)
+        work = _reduce_scatter_flat(out, x, group=group.handle, async_op=async_op)
+    return (out.movedim(0, dim), work) if async_op else out.movedim(0, dim)
+
+
+def wait(work, what: str, group: Group) -> None:
+    """Wait for an async collective's work handle (None: nothing was in flight), naming it if it fails."""
+    if work is not None:
+        with named_failure(what, group):
+            work.wait()
 
 
 def _own_slice(full: torch.Tensor, group: Group) -> torch.Tensor:
@@ -219,9 +228,6 @@ _CopyToGroup = _conjugate_pair("CopyToGroup", _identity, _sum)
 _ReduceFromGroup = _conjugate_pair("ReduceFromGroup", _sum, _identity)
 _GatherFromGroup = _conjugate_pair("GatherFromGroup", lambda x, g: all_gather(x, -1, g), lambda d, g: split(d, -1, g))
 _ScatterToSequence = _conjugate_pair("ScatterToSequence", lambda x, g: split(x, 1, g), lambda d, g: all_gather(d, 1, g))
-_GatherFromSequence = _conjugate_pair(
-    "GatherFromSequence", lambda x, g: all_gather(x, 1, g), lambda d, g: reduce_scatter(d, 1, g)
-)
 _ReduceScatterToSequence = _conjugate_pair(
     "ReduceScatterToSequence", lambda x, g: reduce_scatter(x, 1, g), lambda d, g: all_gather(d, 1, g)
 )
@@ -245,11 +251,6 @@ def gather_from_group(x: torch.Tensor, group: Group) -> torch.Tensor:
 def scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
     """(b, s, h) -> (b, s/tp, h). Forward split, backward all-gather."""
     return x if group.size == 1 else _ScatterToSequence.apply(x, group)
-
-
-def gather_from_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """(b, s/tp, h) -> (b, s, h). Forward all-gather, backward reduce-scatter."""
-    return x if group.size == 1 else _GatherFromSequence.apply(x, group)
 
 
 def reduce_scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:

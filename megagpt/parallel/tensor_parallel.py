@@ -13,11 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megagpt.parallel.comm import (
+    all_gather,
     all_reduce,
     copy_to_group,
-    gather_from_sequence,
     reduce_from_group,
+    reduce_scatter,
     reduce_scatter_to_sequence,
+    wait,
 )
 from megagpt.parallel.context import Group
 from megagpt.parallel.params import update_spec
@@ -47,10 +49,47 @@ def mark_sequence_parallel(module: nn.Module, enabled: bool) -> None:
         update_spec(param, sequence_parallel=enabled)
 
 
+class _SequenceParallelColumnLinear(torch.autograd.Function):
+    """y = all_gather(x) A^T + b for a sequence shard x, keeping only the shard for backward (Megatron's
+    sequence-parallel column linear). Letting autograd save F.linear's input would keep the gathered
+    full-sequence copy (b, s, in) alive on every rank between forward and backward, undoing what sequence
+    parallelism saves. Backward gathers the shard again while it computes the input gradient (which does not
+    need it), then reduce-scatters that gradient back to shards while it computes the weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):  # x (b, s/tp, in) -> (b, s, out/tp)
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        return F.linear(all_gather(x, 1, group), weight, bias)  # the gathered input dies here
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (b, s, out/tp)
+        x, weight = ctx.saved_tensors
+        group = ctx.group
+        full, gathering = all_gather(x, 1, group, async_op=True)  # (b, s, in), filled in the background
+        grad_full = grad.matmul(weight)  # (b, s, in): partial sums over this rank's outputs
+        wait(gathering, "all-gather (sequence-parallel input, backward)", group)
+        grad_x, scattering = reduce_scatter(grad_full, 1, group, async_op=True)  # (b, s/tp, in)
+        rows = grad.reshape(-1, grad.shape[-1])  # (b*s, out/tp)
+        grad_weight = rows.t().matmul(full.reshape(-1, full.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        wait(scattering, "reduce-scatter (sequence-parallel input gradient)", group)
+        return grad_x, grad_weight, grad_bias, None
+
+
+def sequence_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group):
+    """(b, s/tp, in) sequence shard -> (b, s, out/tp): all-gather, then x A^T + b, keeping only the shard for
+    backward (a group of one rank: plain F.linear)."""
+    if group.size == 1:
+        return F.linear(x, weight, bias)
+    return _SequenceParallelColumnLinear.apply(x, weight, bias, group)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split by output rows: each rank computes out_features / tp of the outputs.
 
-    With sequence parallelism the input arrives as a sequence shard (b, s/tp, in) and is all-gathered first.
+    With sequence parallelism the input arrives as a sequence shard (b, s/tp, in), is all-gathered for the
+    matmul, and only the shard is kept for backward (_SequenceParallelColumnLinear).
     """
 
     def __init__(
@@ -73,8 +112,9 @@ class ColumnParallelLinear(nn.Module):
         self.bias = mark_tensor_parallel(nn.Parameter(torch.zeros(out_per_rank)), partition_dim=0) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in) or (b, s/tp, in) -> (b, s, out/tp)
-        x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_group(x, self.group)
-        return F.linear(x, self.weight, self.bias)
+        if self.sequence_parallel:
+            return sequence_parallel_linear(x, self.weight, self.bias, self.group)
+        return F.linear(copy_to_group(x, self.group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
