@@ -36,13 +36,13 @@ def layer_config(args, recompute: str, layers: int = 1):
     )  # fmt: skip
 
 
-def kept_after_forward(fn) -> tuple[int, int]:
-    """(bytes alive after fn() that were created inside it, less its output; the peak) under the tracker."""
+def kept_after_forward(fn, *args) -> tuple[int, int]:
+    """(bytes alive after fn(*args) that were created inside it, less its output; the peak) under the tracker."""
     from megagpt.train.memory import AllocationTracker
 
     tracker = AllocationTracker()
     with tracker:
-        out = fn()
+        out = fn(*args)
         gc.collect()
         kept = tracker.live - out.untyped_storage().nbytes()
         out.sum().backward()
@@ -69,7 +69,7 @@ def measure(rank: int, world_size: int, args) -> dict:
                 layer = GPT(cfg.model, ctx.tp_group, layers=range(1), pre_process=False, post_process=False,
                             sequence_parallel=sp, rng=rng, init_seed=1, recompute=recompute)  # fmt: skip
                 x0 = torch.randn(args.micro, seq, args.hidden)
-                kept, _ = kept_after_forward(lambda: layer(x0.clone().requires_grad_()))
+                kept, _ = kept_after_forward(lambda net, x: net(x.clone().requires_grad_()), layer, x0)
                 planned = layer_activation_bytes(cfg, tp, sp, None, args.micro)
                 rows.append((tp, sp, recompute, kept / sbh, planned / sbh))
         if tp == 2:
@@ -79,7 +79,7 @@ def measure(rank: int, world_size: int, args) -> dict:
                 model = GPT(cfg.model, ctx.tp_group, sequence_parallel=True, rng=rng, init_seed=1,
                             recompute=recompute)  # fmt: skip
                 tokens = torch.randint(0, 2048, (args.micro, args.seq))
-                kept, peak = kept_after_forward(lambda: model(tokens, tokens).reshape(1))
+                kept, peak = kept_after_forward(lambda net, ids: net(ids, ids).reshape(1), model, tokens)
                 model_rows.append((recompute, kept / MIB, peak / MIB))
     return {"layers": rows, "model": model_rows}
 

@@ -51,14 +51,14 @@ def _stage_worker(rank: int, world_size: int, vpp: int, m: int, steps: int, hidd
     data = SyntheticDataset(m * (steps + 1), cfg.model.seq_length, cfg.model.vocab_size, 0)
     trainer = build_trainer(cfg, ctx, data, None, None)
     trainer.compute_gradients(m)  # warm-up
-    trainer.grads.zero()
+    trainer.buckets.zero()
     busy, wall = 0.0, 0.0
     for _ in range(steps):
         start = time.perf_counter()
         _, record = trainer.compute_gradients(m)
         wall += time.perf_counter() - start
         busy += record.busy_s
-        trainer.grads.zero()
+        trainer.buckets.zero()
     return busy, wall
 
 

@@ -22,6 +22,7 @@ import yaml
 
 from megagpt.data.spec import parse_blend, parse_split
 from megagpt.errors import ConfigError, UserError
+from megagpt.presets import preset_sections
 
 
 def option(default: Any, help: str):
@@ -225,8 +226,6 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
     merged: dict[str, dict] = {}
     preset = raw.pop("preset", None)
     if preset is not None:
-        from megagpt.presets import preset_sections
-
         _merge(merged, preset_sections(preset))
     for section, values in raw.items():
         if section not in SECTIONS:
@@ -355,7 +354,8 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Validation: every check that spans keys or sections, before any process group or tensor exists.
+# Validation, before any process group or tensor exists: one function per section for the rules inside it, then
+# _cross_section_problems, the one place for rules that tie sections together (layout, device, schedule, data).
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -364,199 +364,289 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
 
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Raise one ConfigError listing every offending value (each as a sentence with the fix)."""
-    problems: list[str] = []
+    problems = [
+        *_model_problems(cfg.model),
+        *_parallel_problems(cfg.parallel),
+        *_train_problems(cfg.train),
+        *_optim_problems(cfg.optim),
+        *_data_problems(cfg.data),
+        *_checkpoint_problems(cfg.checkpoint),
+        *_logging_problems(cfg.logging),
+        *_cross_section_problems(cfg, world_size),
+    ]
+    if problems:
+        raise ConfigError("invalid config: " + " ".join(f"({i}) {msg}." for i, msg in enumerate(problems, 1)))
 
-    def check(condition: bool, message: str) -> None:
+
+class _Problems(list):
+    """The messages of the checks that failed, in the order they were made."""
+
+    def check(self, condition: bool, message: str) -> None:
         if not condition:
-            problems.append(message)
+            self.append(message)
 
-    m, p, t, o, d, c, lg = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.data, cfg.checkpoint, cfg.logging
 
+def _model_problems(m: ModelConfig) -> list[str]:
+    problems = _Problems()
     for key in ("num_layers", "hidden_size", "num_heads", "seq_length", "vocab_size", "local_window"):
-        check(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be at least 1")
-    check(m.make_vocab_size_divisible_by >= 1, "model.make_vocab_size_divisible_by must be at least 1")
+        problems.check(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be at least 1")
+    problems.check(m.make_vocab_size_divisible_by >= 1, "model.make_vocab_size_divisible_by must be at least 1")
     if m.num_heads >= 1:
-        check(
+        problems.check(
             m.hidden_size % m.num_heads == 0,
             f"model.num_heads={m.num_heads} does not divide model.hidden_size={m.hidden_size}; "
             f"pick a head count that divides it",
         )
     positions = max_positions(m)
-    check(
+    problems.check(
         m.seq_length <= positions,
         f"model.seq_length={m.seq_length} is above the position table (model.max_position_embeddings={positions}); "
         f"raise max_position_embeddings or shorten seq_length",
     )
-    check(len(m.attention_pattern) >= 1, "model.attention_pattern must list at least one of: dense, local")
+    problems.check(len(m.attention_pattern) >= 1, "model.attention_pattern must list at least one of: dense, local")
     for kind in m.attention_pattern:
-        check(kind in ("dense", "local"), f"model.attention_pattern holds '{kind}'; allowed kinds: dense, local")
-    check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-    if m.attention_backend == "flex" or m.fused_kernels == "on":
-        import torch  # only here: the rest of validation needs no torch
+        problems.check(
+            kind in ("dense", "local"), f"model.attention_pattern holds '{kind}'; allowed kinds: dense, local"
+        )
+    problems.check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    problems.check(
+        m.attention_backend != "flex" or m.dropout == 0.0,
+        f"model.attention_backend=flex has no attention dropout but model.dropout={m.dropout}; "
+        f"set model.dropout=0 or use attention_backend=auto",
+    )
+    problems.check(m.layernorm_epsilon > 0, "model.layernorm_epsilon must be positive")
+    problems.check(m.init_std > 0, "model.init_std must be positive")
+    return problems
 
-        on_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-        check(
-            m.fused_kernels != "on" or on_cuda,
-            f"model.fused_kernels=on needs CUDA (the kernels are CUDA C++) but train.device={t.device} runs on "
-            f"the CPU; use model.fused_kernels=auto or off",
-        )
-    if m.attention_backend == "flex":
-        check(
-            m.dropout == 0.0,
-            f"model.attention_backend=flex has no attention dropout but model.dropout={m.dropout}; "
-            f"set model.dropout=0 or use attention_backend=auto",
-        )
-        check(
-            on_cuda,
-            f"model.attention_backend=flex trains only on CUDA (FlexAttention has no backward on CPU) but "
-            f"train.device={t.device} runs on the CPU; set train.device=cuda or use attention_backend=auto",
-        )
-    check(m.layernorm_epsilon > 0, "model.layernorm_epsilon must be positive")
-    check(m.init_std > 0, "model.init_std must be positive")
 
+def _parallel_problems(p: ParallelConfig) -> list[str]:
+    problems = _Problems()
     for key in ("tp", "pp", "vpp"):
-        check(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be at least 1")
-    check(p.zero in (0, 1), f"parallel.zero={p.zero} must be 0 or 1")
-    if p.tp >= 1 and p.pp >= 1:
-        check(
-            world_size % (p.tp * p.pp) == 0,
-            f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {p.tp * p.pp}; "
-            f"launch a multiple of {p.tp * p.pp} processes",
-        )
-    dp = data_parallel_size(cfg, world_size) if p.tp >= 1 and p.pp >= 1 else 1
-    if p.tp >= 1 and m.num_heads >= 1:
-        check(
-            m.num_heads % p.tp == 0,
-            f"parallel.tp={p.tp} does not divide model.num_heads={m.num_heads}; each tensor-parallel rank needs "
-            f"whole heads, so pick a tp that divides {m.num_heads}",
-        )
-    if p.sequence_parallel and p.tp >= 1:
-        check(
-            m.seq_length % p.tp == 0,
-            f"parallel.sequence_parallel shards the sequence, but parallel.tp={p.tp} does not divide "
-            f"model.seq_length={m.seq_length}",
-        )
-    check(p.grad_bucket_mb > 0, f"parallel.grad_bucket_mb={p.grad_bucket_mb} must be positive")
-    check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive")
+        problems.check(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be at least 1")
+    problems.check(p.zero in (0, 1), f"parallel.zero={p.zero} must be 0 or 1")
+    problems.check(p.grad_bucket_mb > 0, f"parallel.grad_bucket_mb={p.grad_bucket_mb} must be positive")
+    problems.check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive")
     if p.pp >= 1 and p.vpp >= 1:
-        stages = p.pp * p.vpp
-        check(
-            m.num_layers % stages == 0,
-            f"model.num_layers={m.num_layers} does not split into parallel.pp * parallel.vpp = {p.pp} * {p.vpp} = "
-            f"{stages} equal stages; use a layer count that {stages} divides",
+        problems.check(
+            p.vpp == 1 or p.pp > 1, f"parallel.vpp={p.vpp} interleaves pipeline stages, so it needs parallel.pp > 1"
         )
-        check(p.vpp == 1 or p.pp > 1, f"parallel.vpp={p.vpp} interleaves pipeline stages, so it needs parallel.pp > 1")
-        if p.vpp > 1 and t.micro_batch_size >= 1 and dp >= 1:
-            unit = t.micro_batch_size * dp * p.pp
-            batches = [t.global_batch_size] + (list(t.batch_rampup[:2]) if t.batch_rampup else [])
-            check(
-                all(b % unit == 0 for b in batches),
-                f"the interleaved schedule (parallel.vpp={p.vpp}) needs micro-batches per step in multiples of "
-                f"parallel.pp={p.pp}: make train.global_batch_size (and batch_rampup start and increment) "
-                f"multiples of micro_batch_size * dp * pp = {unit}",
-            )
+    return problems
+
+
+def _train_problems(t: TrainConfig) -> list[str]:
+    problems = _Problems()
     for key in ("iters", "global_batch_size", "micro_batch_size"):
-        check(getattr(t, key) >= 1, f"train.{key}={getattr(t, key)} must be at least 1")
-    if t.micro_batch_size >= 1 and dp >= 1:
-        check(
-            t.global_batch_size % (t.micro_batch_size * dp) == 0,
-            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size * dp = "
-            f"{t.micro_batch_size} * {dp}; make it a multiple of {t.micro_batch_size * dp}",
-        )
-    if t.batch_rampup is not None and t.micro_batch_size >= 1 and dp >= 1:
-        problems.extend(_rampup_problems(t.batch_rampup, t.global_batch_size, t.micro_batch_size * dp))
-    check(
+        problems.check(getattr(t, key) >= 1, f"train.{key}={getattr(t, key)} must be at least 1")
+    problems.check(
         t.loss_scale is None or t.precision == "fp16",
         f"train.loss_scale={t.loss_scale} only applies to train.precision=fp16 (got {t.precision}); unset it",
     )
     if t.precision == "fp16":
-        check(t.loss_scale is None or t.loss_scale > 0, f"train.loss_scale={t.loss_scale} must be positive or null")
-        check(t.initial_loss_scale > 0, f"train.initial_loss_scale={t.initial_loss_scale} must be positive")
-        check(
-            0 < t.min_loss_scale <= t.initial_loss_scale,
-            f"train.min_loss_scale={t.min_loss_scale} must be positive and at most train.initial_loss_scale",
-        )
-        check(t.loss_scale_window >= 1, "train.loss_scale_window must be at least 1")
-        check(0 < t.loss_scale_backoff < 1, f"train.loss_scale_backoff={t.loss_scale_backoff} must be in (0, 1)")
-        check(t.hysteresis >= 1, "train.hysteresis must be at least 1")
-        check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips must be at least 1")
-    check(t.eval_interval >= 0, "train.eval_interval must be 0 or more")
-    check(t.eval_iters >= 0, "train.eval_iters must be 0 or more")
+        problems.extend(_fp16_problems(t))
+    problems.check(t.eval_interval >= 0, "train.eval_interval must be 0 or more")
+    problems.check(t.eval_iters >= 0, "train.eval_iters must be 0 or more")
+    return problems
 
-    check(o.lr > 0, f"optim.lr={o.lr} must be positive")
-    check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
-    check(o.warmup_iters >= 0, "optim.warmup_iters must be 0 or more")
-    decay = o.decay_iters if o.decay_iters is not None else t.iters
-    check(
-        decay >= o.warmup_iters,
-        f"optim.decay_iters={decay} is below optim.warmup_iters={o.warmup_iters}; decay must end after warm-up",
+
+def _fp16_problems(t: TrainConfig) -> list[str]:
+    problems = _Problems()
+    problems.check(
+        t.loss_scale is None or t.loss_scale > 0, f"train.loss_scale={t.loss_scale} must be positive or null"
     )
-    check(o.weight_decay >= 0, "optim.weight_decay must be 0 or more")
-    check(o.clip_grad >= 0, "optim.clip_grad must be 0 (off) or positive")
-    for key in ("beta1", "beta2"):
-        check(0 <= getattr(o, key) < 1, f"optim.{key}={getattr(o, key)} must be in [0, 1)")
-    check(o.eps > 0, "optim.eps must be positive")
+    problems.check(t.initial_loss_scale > 0, f"train.initial_loss_scale={t.initial_loss_scale} must be positive")
+    problems.check(
+        0 < t.min_loss_scale <= t.initial_loss_scale,
+        f"train.min_loss_scale={t.min_loss_scale} must be positive and at most train.initial_loss_scale",
+    )
+    problems.check(t.loss_scale_window >= 1, "train.loss_scale_window must be at least 1")
+    problems.check(0 < t.loss_scale_backoff < 1, f"train.loss_scale_backoff={t.loss_scale_backoff} must be in (0, 1)")
+    problems.check(t.hysteresis >= 1, "train.hysteresis must be at least 1")
+    problems.check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips must be at least 1")
+    return problems
 
-    split_paths = {name: getattr(d, f"{name}_path") for name in ("train", "valid", "test")}
+
+def _optim_problems(o: OptimConfig) -> list[str]:
+    problems = _Problems()
+    problems.check(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    problems.check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
+    problems.check(o.warmup_iters >= 0, "optim.warmup_iters must be 0 or more")
+    problems.check(o.weight_decay >= 0, "optim.weight_decay must be 0 or more")
+    problems.check(o.clip_grad >= 0, "optim.clip_grad must be 0 (off) or positive")
+    for key in ("beta1", "beta2"):
+        problems.check(0 <= getattr(o, key) < 1, f"optim.{key}={getattr(o, key)} must be in [0, 1)")
+    problems.check(o.eps > 0, "optim.eps must be positive")
+    return problems
+
+
+def _split_paths(d: DataConfig) -> dict:
+    """data.train_path / valid_path / test_path by split name."""
+    return {name: getattr(d, f"{name}_path") for name in ("train", "valid", "test")}
+
+
+def _data_problems(d: DataConfig) -> list[str]:
+    problems = _Problems()
+    split_paths = _split_paths(d)
     per_split = any(p is not None for p in split_paths.values())
-    check(
+    problems.check(
         not (d.synthetic and d.path is not None),
         f"data.path={d.path} is set but data.synthetic=true would train on random tokens and ignore it (the "
         f"tiny presets turn synthetic on); set data.synthetic=false to train on data.path, or drop data.path",
     )
-    check(
+    problems.check(
         not (d.synthetic and per_split),
         "data.train_path / valid_path / test_path are set but data.synthetic=true would ignore them; set "
         "data.synthetic=false, or drop them",
     )
-    check(
+    problems.check(
         not (d.path is not None and per_split),
         "data.path and data.train_path / valid_path / test_path are both set; give one or the other (as Megatron's "
         "--data-path and --train-data-path)",
     )
     if not d.synthetic and per_split:
-        check(split_paths["train"] is not None, "data.valid_path / test_path are set but data.train_path is not")
-        check(
-            t.eval_iters == 0 or split_paths["valid"] is not None,
-            f"train.eval_iters={t.eval_iters} needs validation data, but data.valid_path is not set; set it or "
-            "set train.eval_iters=0",
+        problems.check(
+            split_paths["train"] is not None, "data.valid_path / test_path are set but data.train_path is not"
         )
         for value in split_paths.values():
             if value is not None:
                 problems.extend(_user_error(parse_blend, value, d.megatron_compat))
     elif not d.synthetic:
-        check(
+        problems.check(
             d.path is not None,
             "data.path is not set; give a dataset prefix (tools/preprocess_data.py makes one) "
             "or set data.synthetic=true",
         )
         if d.path is not None:
             problems.extend(_user_error(parse_blend, d.path, d.megatron_compat))
-    split_problem = _user_error(parse_split, d.split)
-    problems.extend(split_problem)
-    if t.eval_iters > 0 and not d.synthetic and not per_split and not split_problem:
-        check(
-            parse_split(d.split)[1] > 0,
-            f"train.eval_iters={t.eval_iters} needs a validation split, but data.split='{d.split}' "
-            f"gives it no documents; give it a share or set train.eval_iters=0",
-        )
+    problems.extend(_user_error(parse_split, d.split))
+    return problems
 
-    check(c.save_interval >= 0, f"checkpoint.save_interval={c.save_interval} must be 0 (off) or positive")
-    check(c.keep >= 1, f"checkpoint.keep={c.keep} must be at least 1")
+
+def _checkpoint_problems(c: CheckpointConfig) -> list[str]:
+    problems = _Problems()
+    problems.check(c.save_interval >= 0, f"checkpoint.save_interval={c.save_interval} must be 0 (off) or positive")
+    problems.check(c.keep >= 1, f"checkpoint.keep={c.keep} must be at least 1")
     for key, value in (
         ("save_interval", c.save_interval or None),
         ("load=auto", c.load == "auto" or None),
         ("exit_after_minutes", c.exit_after_minutes),
     ):
-        check(value is None or c.dir is not None, f"checkpoint.{key} needs checkpoint.dir; set where to save")
-    check(
+        problems.check(value is None or c.dir is not None, f"checkpoint.{key} needs checkpoint.dir; set where to save")
+    problems.check(
         c.exit_after_minutes is None or c.exit_after_minutes > 0,
         f"checkpoint.exit_after_minutes={c.exit_after_minutes} must be positive",
     )
-    check(lg.log_interval >= 1, "logging.log_interval must be at least 1")
+    return problems
 
-    if problems:
-        raise ConfigError("invalid config: " + " ".join(f"({i}) {msg}." for i, msg in enumerate(problems, 1)))
+
+def _logging_problems(lg: LoggingConfig) -> list[str]:
+    return [] if lg.log_interval >= 1 else ["logging.log_interval must be at least 1"]
+
+
+def _cross_section_problems(cfg: Config, world_size: int) -> list[str]:
+    """The rules that read more than one section: the layout against the model and the batch, the device the
+    kernels need, the decay against train.iters, evaluation against the data split."""
+    problems = _Problems()
+    problems.extend(_layout_problems(cfg, world_size))
+    problems.extend(_device_problems(cfg.model, cfg.train))
+    o, t, d = cfg.optim, cfg.train, cfg.data
+    decay = o.decay_iters if o.decay_iters is not None else t.iters
+    problems.check(
+        decay >= o.warmup_iters,
+        f"optim.decay_iters={decay} is below optim.warmup_iters={o.warmup_iters}; decay must end after warm-up",
+    )
+    per_split = any(p is not None for p in _split_paths(d).values())
+    if t.eval_iters > 0 and not d.synthetic and per_split:
+        problems.check(
+            d.valid_path is not None,
+            f"train.eval_iters={t.eval_iters} needs validation data, but data.valid_path is not set; set it or "
+            "set train.eval_iters=0",
+        )
+    elif t.eval_iters > 0 and not d.synthetic and not _user_error(parse_split, d.split):
+        problems.check(
+            parse_split(d.split)[1] > 0,
+            f"train.eval_iters={t.eval_iters} needs a validation split, but data.split='{d.split}' "
+            f"gives it no documents; give it a share or set train.eval_iters=0",
+        )
+    return problems
+
+
+def _layout_problems(cfg: Config, world_size: int) -> list[str]:
+    """The parallel layout against the world size, the model's shape and the batch. A degree below 1 is reported by
+    _parallel_problems; the checks that would divide by it are skipped."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    problems = _Problems()
+    if p.tp >= 1 and p.pp >= 1:
+        problems.check(
+            world_size % (p.tp * p.pp) == 0,
+            f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {p.tp * p.pp}; "
+            f"launch a multiple of {p.tp * p.pp} processes",
+        )
+    if p.tp >= 1 and m.num_heads >= 1:
+        problems.check(
+            m.num_heads % p.tp == 0,
+            f"parallel.tp={p.tp} does not divide model.num_heads={m.num_heads}; each tensor-parallel rank needs "
+            f"whole heads, so pick a tp that divides {m.num_heads}",
+        )
+    if p.sequence_parallel and p.tp >= 1:
+        problems.check(
+            m.seq_length % p.tp == 0,
+            f"parallel.sequence_parallel shards the sequence, but parallel.tp={p.tp} does not divide "
+            f"model.seq_length={m.seq_length}",
+        )
+    if p.pp >= 1 and p.vpp >= 1:
+        stages = p.pp * p.vpp
+        problems.check(
+            m.num_layers % stages == 0,
+            f"model.num_layers={m.num_layers} does not split into parallel.pp * parallel.vpp = {p.pp} * {p.vpp} = "
+            f"{stages} equal stages; use a layer count that {stages} divides",
+        )
+    dp = data_parallel_size(cfg, world_size) if p.tp >= 1 and p.pp >= 1 else 1
+    if t.micro_batch_size >= 1 and dp >= 1:
+        problems.extend(_batch_layout_problems(t, p, dp))
+    return problems
+
+
+def _batch_layout_problems(t: TrainConfig, p: ParallelConfig, dp: int) -> list[str]:
+    """The global batch (and its ramp-up) in whole micro-batches per dp rank, in groups of pp when interleaved."""
+    problems = _Problems()
+    if p.pp >= 1 and p.vpp > 1:
+        unit = t.micro_batch_size * dp * p.pp
+        batches = [t.global_batch_size] + (list(t.batch_rampup[:2]) if t.batch_rampup else [])
+        problems.check(
+            all(b % unit == 0 for b in batches),
+            f"the interleaved schedule (parallel.vpp={p.vpp}) needs micro-batches per step in multiples of "
+            f"parallel.pp={p.pp}: make train.global_batch_size (and batch_rampup start and increment) "
+            f"multiples of micro_batch_size * dp * pp = {unit}",
+        )
+    problems.check(
+        t.global_batch_size % (t.micro_batch_size * dp) == 0,
+        f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size * dp = "
+        f"{t.micro_batch_size} * {dp}; make it a multiple of {t.micro_batch_size * dp}",
+    )
+    if t.batch_rampup is not None:
+        problems.extend(_rampup_problems(t.batch_rampup, t.global_batch_size, t.micro_batch_size * dp))
+    return problems
+
+
+def _device_problems(m: ModelConfig, t: TrainConfig) -> list[str]:
+    """The CUDA-only features against the device the run will use (probed only when one is asked for)."""
+    if m.attention_backend != "flex" and m.fused_kernels != "on":
+        return []
+    import torch  # only here: the rest of validation needs no torch
+
+    on_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    problems = _Problems()
+    problems.check(
+        m.fused_kernels != "on" or on_cuda,
+        f"model.fused_kernels=on needs CUDA (the kernels are CUDA C++) but train.device={t.device} runs on "
+        f"the CPU; use model.fused_kernels=auto or off",
+    )
+    problems.check(
+        m.attention_backend != "flex" or on_cuda,
+        f"model.attention_backend=flex trains only on CUDA (FlexAttention has no backward on CPU) but "
+        f"train.device={t.device} runs on the CPU; set train.device=cuda or use attention_backend=auto",
+    )
+    return problems
 
 
 def max_positions(model: ModelConfig) -> int:

@@ -17,11 +17,15 @@ from pathlib import Path
 import torch
 
 from megagpt.config import Config, config_from_dict
+from megagpt.data.batches import read_batch
+from megagpt.launch import discover_launch, resolve_device, set_cpu_threads
+from megagpt.log import setup_logging
 from megagpt.model.gpt import GPT
 from megagpt.parallel.comm import shutdown
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.params import copy_spec
 from megagpt.parallel.random import TensorParallelRNG
+from megagpt.parallel.topology import Topology
 from megagpt.train.checkpoint import copy_weights, latest_checkpoint, shards_of
 from megagpt.train.checkpoint_format import METADATA, SavedCheckpoint
 
@@ -76,10 +80,6 @@ def inference_context(device: str = "auto") -> Iterator[ParallelContext]:
         with inference_context(args.device) as ctx:
             model, cfg = load_for_inference(args.load, ctx)
     """
-    from megagpt.launch import discover_launch, resolve_device, set_cpu_threads
-    from megagpt.log import setup_logging
-    from megagpt.parallel.topology import Topology
-
     launch = discover_launch()
     setup_logging(launch.rank)
     where = resolve_device(device, launch.local_rank, launch.local_world_size, launch.source)
@@ -101,8 +101,6 @@ def inference_context(device: str = "auto") -> Iterator[ParallelContext]:
 @torch.no_grad()
 def mean_loss(model: GPT, dataset, micro_batch: int, max_samples: int | None = None) -> tuple[float, int]:
     """(mean next-token loss per token, tokens scored) over the dataset's samples in order."""
-    from megagpt.train.trainer import read_batch
-
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     total, tokens = 0.0, 0
     device = next(model.parameters()).device

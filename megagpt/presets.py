@@ -1,6 +1,7 @@
 """Named presets: the GPT-3 paper's eight sizes (Brown et al. 2020, Table 2.1) and the tiny CPU sizes.
 
-A YAML config names one with `preset: gpt3-1.3b`; its sections then override the preset's values.
+A YAML config names one with `preset: gpt3-1.3b`; its sections then override the preset's values. Presets are
+plain data below config.py (which resolves them): this module imports nothing of megagpt but leaf modules.
 
 The paper's schedule, as the presets encode it:
   - context 2048, Adam betas (0.9, 0.95), eps 1e-8, weight decay 0.1, gradient clipping at 1.0;
@@ -9,7 +10,7 @@ The paper's schedule, as the presets encode it:
   - batch size ramped up linearly from 32k tokens (16 sequences) to the full batch over the first few
     billion tokens. The paper says "4-12 billion tokens, depending on the model size" without a table;
     we use 4B up to 1.3B, 8B for 2.7B to 13B and 12B for 175B (Megatron-LM's 175B example uses 12B too).
-Iteration counts are planned through the ramp-up (megagpt/train/schedules.py): train.iters is the step at which
+Iteration counts are planned through the ramp-up (megagpt/batch_rampup.py): train.iters is the step at which
 300B tokens have been consumed, warmup_iters the step at 375M tokens, decay_iters the step at 260B tokens.
 
 Two of the table's rows contradict themselves, and we follow the reading that matches the stated size:
@@ -20,6 +21,7 @@ Two of the table's rows contradict themselves, and we follow the reading that ma
 
 from __future__ import annotations
 
+from megagpt.batch_rampup import steps_to_consume
 from megagpt.errors import ConfigError
 
 SEQ = 2048
@@ -42,8 +44,6 @@ GPT3_SIZES: dict[str, tuple[float, int, int, int, int, float, float]] = {
 
 
 def _gpt3_preset(layers: int, hidden: int, heads: int, batch: int, lr: float, rampup_tokens: float) -> dict:
-    from megagpt.train.schedules import steps_to_consume
-
     rampup = [RAMPUP_START, RAMPUP_START, round(rampup_tokens / SEQ)]
 
     def steps_for(tokens: float) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -261,6 +262,16 @@ class PipelineExecutor:
         self.post = post
         self.last_stage = self.pp * self.vpp - 1
 
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether this rank holds the first virtual stage, the one that embeds the micro-batches' tokens."""
+        return any(self._stage(chunk) == 0 for chunk in range(self.vpp))
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether this rank holds the last virtual stage, the one whose loss needs the micro-batches' labels."""
+        return any(self._stage(chunk) == self.last_stage for chunk in range(self.vpp))
+
     def _rank_of_stage(self, stage: int) -> int:
         return self.pp_ranks[stage % self.pp]
 
@@ -326,8 +337,10 @@ class PipelineExecutor:
             )
         return tensor.contiguous()
 
-    def run(self, micro_batches: list[torch.Tensor], forward, *, backward: bool, loss_scale: float = 1.0) -> StepRecord:
-        """Run one step's schedule. micro_batches: this dp rank's token tensors (mbs, s + 1).
+    def run(self, micro_batches: Sequence, forward, *, backward: bool, loss_scale: float = 1.0) -> StepRecord:
+        """Run one step's schedule. micro_batches: a sequence of this dp rank's micro-batches, each with `.inputs`
+        (mbs, s) token ids, read only where this rank holds the first stage, and `.labels` (mbs, s), read only where
+        it holds the last one (data/batches.py); a rank holding neither only takes len(micro_batches).
         forward(chunk_module, x, labels) -> the chunk's output (the mean loss on the last stage).
         Without backward (evaluation) micro-batches only flow forward, in the training schedule's forward order.
         loss_scale multiplies the loss before backward (fp16 loss scaling); the recorded losses are not scaled."""
@@ -349,10 +362,10 @@ class PipelineExecutor:
                 stage = self._stage(chunk)
                 if action.kind == "F":
                     if stage == 0:
-                        x = micro_batches[m][:, :-1]
+                        x = micro_batches[m].inputs
                     else:
                         x = received.pop(Transfer("F", stage, m)).requires_grad_(backward)
-                    labels = micro_batches[m][:, 1:] if stage == self.last_stage else None
+                    labels = micro_batches[m].labels if stage == self.last_stage else None
                     start = clock.mark()
                     with torch.set_grad_enabled(backward):
                         y = forward(self.chunks[chunk], x, labels)

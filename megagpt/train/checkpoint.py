@@ -119,7 +119,7 @@ def writes_state(param, shard: TensorShard, tp_index: int, dp_index: int, zero: 
 def rank_chunks(trainer) -> list[dict]:
     """This rank's share of the weights and optimizer state, as chunks."""
     ctx, optimizer = trainer.ctx, trainer.optimizer
-    tp_index, dp_index, zero = ctx.tp_group.index, ctx.dp_group.index, trainer.grads.shard
+    tp_index, dp_index, zero = ctx.tp_group.index, ctx.dp_group.index, trainer.buckets.shard
     shards = param_shards(trainer)
     chunks = [
         shard.chunk("weight", param)

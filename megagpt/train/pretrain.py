@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from megagpt.config import Config, dump_config
+from megagpt.data.batches import read_batch
 from megagpt.data.gpt_dataset import build_datasets
 from megagpt.errors import UserError
 from megagpt.kernels import cuda_kernels
@@ -31,7 +32,7 @@ from megagpt.train.metrics import MetricsWriter
 from megagpt.train.optimizer import MainParamOptimizer
 from megagpt.train.run_folders import RunFolders, hold_run_folders
 from megagpt.train.schedules import total_train_samples
-from megagpt.train.trainer import Trainer, TrainState, read_batch
+from megagpt.train.trainer import Trainer, TrainState
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -241,7 +242,7 @@ def _pretrain(cfg: Config, ctx: ParallelContext, resume_from: Path | None, folde
         f"seq {cfg.model.seq_length}, attention {cfg.model.attention_pattern} (window {cfg.model.local_window}); "
         f"{n_params / 1e6:.2f}M parameters on this rank (vocab padded to {chunks[0].padded_vocab_size}); "
         f"layout tp={tp} dp={dp} pp={pp} vpp={cfg.parallel.vpp}, layers {[list(c.layers) for c in chunks]}, "
-        f"sequence parallel {chunks[0].sequence_parallel}; {len(trainer.grads.buckets)} gradient buckets; "
+        f"sequence parallel {chunks[0].sequence_parallel}; {len(trainer.buckets.buckets)} gradient buckets; "
         f"zero {cfg.parallel.zero}, recompute {cfg.parallel.recompute}; device {ctx.device}, precision "
         f"{cfg.train.precision}" + (f" (loss scale {trainer.scaler.scale:g})" if trainer.scaler else "")
     )

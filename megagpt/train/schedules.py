@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from megagpt.batch_rampup import batch_size_at, samples_after
 from megagpt.config import OptimConfig, TrainConfig
 
 
@@ -28,60 +29,7 @@ def learning_rate(step: int, optim: OptimConfig, train_iters: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GPT-3's batch-size ramp-up (Megatron's --rampup-batch-size start increment samples): the batch grows from
-# `start` by `increment` each time another samples / num_increments samples have been consumed, until it is
-# the full global batch. The functions take (global_batch, rampup) so presets can plan with them too.
-
-
-def _ramp(global_batch: int, rampup: list[int] | None) -> tuple[int, int, int, float]:
-    """(start, increment, number of increments, samples per increment); no increments without a ramp."""
-    if rampup is None:
-        return global_batch, 0, 0, 0.0
-    start, increment, ramp_samples = rampup
-    increments = (global_batch - start) // increment
-    if increments == 0 or ramp_samples == 0:
-        return global_batch, 0, 0, 0.0
-    return start, increment, increments, ramp_samples / increments
-
-
-def batch_size_at(consumed_samples: int, global_batch: int, rampup: list[int] | None) -> int:
-    start, increment, increments, per_increment = _ramp(global_batch, rampup)
-    if increments == 0:
-        return global_batch
-    return min(global_batch, start + int(consumed_samples / per_increment) * increment)
-
-
-def _ramp_stages(global_batch: int, rampup: list[int] | None):
-    """(batch size, steps at that size) for each ramp stage, as the trainer will live them."""
-    start, increment, increments, per_increment = _ramp(global_batch, rampup)
-    consumed = 0
-    for k in range(increments):
-        batch = start + k * increment
-        stage_end = (k + 1) * per_increment  # the batch grows once consumed reaches this
-        steps = max(0, math.ceil((stage_end - consumed) / batch))
-        yield batch, steps
-        consumed += steps * batch
-
-
-def samples_after(steps: int, global_batch: int, rampup: list[int] | None) -> int:
-    """Samples consumed by the first `steps` optimizer steps."""
-    consumed = 0
-    for batch, stage_steps in _ramp_stages(global_batch, rampup):
-        taken = min(steps, stage_steps)
-        consumed += taken * batch
-        steps -= taken
-    return consumed + steps * global_batch
-
-
-def steps_to_consume(samples: float, global_batch: int, rampup: list[int] | None) -> int:
-    """The number of optimizer steps after which at least `samples` samples have been consumed."""
-    consumed, steps = 0, 0
-    for batch, stage_steps in _ramp_stages(global_batch, rampup):
-        if consumed + stage_steps * batch >= samples:
-            return steps + max(0, math.ceil((samples - consumed) / batch))
-        consumed += stage_steps * batch
-        steps += stage_steps
-    return steps + max(0, math.ceil((samples - consumed) / global_batch))
+# The batch-size ramp-up (its arithmetic lives in megagpt/batch_rampup.py, which presets use too).
 
 
 def global_batch_size(consumed_samples: int, train: TrainConfig) -> int:

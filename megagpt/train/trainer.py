@@ -8,7 +8,8 @@ reports its memory (train/memory.py).
 Samples are read in order from the (already shuffled) training dataset: step n consumes the next
 global_batch_size samples, whatever the layout, so the data a step sees depends only on the seed and the step.
 Micro-batch i of a step is the samples [i * mbs * dp, (i + 1) * mbs * dp) of that global batch, and data-parallel
-rank d takes the d-th run of mbs samples of it (Megatron's pretraining sampler).
+rank d takes the d-th run of mbs samples of it (Megatron's pretraining sampler). Only the ranks holding the first
+or last pipeline stage read them, the next micro-batch prefetched (data/batches.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from megagpt.config import Config
-from megagpt.errors import DataError, UserError
+from megagpt.data.batches import MicroBatches
+from megagpt.errors import UserError
 from megagpt.log import get_logger
 from megagpt.parallel.comm import all_gather, all_reduce
 from megagpt.parallel.context import ParallelContext
@@ -30,19 +32,6 @@ from megagpt.train.memory import MemoryReport, step_peak, tensor_bytes
 from megagpt.train.metrics import MetricsWriter
 from megagpt.train.optimizer import MainParamOptimizer
 from megagpt.train.schedules import global_batch_size, learning_rate
-
-
-def read_batch(dataset, start: int, count: int, vocab_size: int) -> torch.Tensor:
-    """Samples start .. start+count-1 stacked: (count, seq_length + 1) token ids, checked against the vocabulary."""
-    tokens = torch.stack([dataset[i] for i in range(start, start + count)])
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= vocab_size:
-        bad = high if high >= vocab_size else low
-        raise DataError(
-            f"samples {start}..{start + count - 1} hold token id {bad}, outside model.vocab_size={vocab_size}; "
-            f"the dataset was tokenized with another vocabulary, so re-tokenize it or set model.vocab_size"
-        )
-    return tokens
 
 
 @dataclass
@@ -66,6 +55,15 @@ class StepResult:
 
 
 class Trainer:
+    """Runs training on one rank: steps (train_step), evaluation, logged rows, checkpoints, until train.iters.
+
+    It is handed the pieces pretrain.py assembles: this rank's model `chunks`, the pipeline `executor` that runs
+    a step's forwards and backwards over them in schedule order, the `buckets` (GradBuckets) that reduce gradients
+    across data-parallel ranks during backward, the `optimizer` (fp32 main weights, clipping, the fp16 loss
+    scaler), the datasets, the `metrics` writer (logging rank only) and an optional `checkpointer`. Its `state`
+    (step, consumed samples, logged rows) is what checkpoints save and what train() returns.
+    """
+
     def __init__(
         self,
         cfg: Config,
@@ -73,7 +71,7 @@ class Trainer:
         chunks: torch.nn.ModuleList,
         executor: PipelineExecutor,
         optimizer: MainParamOptimizer,
-        grads: GradBuckets,
+        buckets: GradBuckets,
         train_data,
         valid_data,
         metrics: MetricsWriter | None,
@@ -84,7 +82,7 @@ class Trainer:
         self.chunks = chunks  # this rank's model chunks (one unless the pipeline is interleaved)
         self.executor = executor
         self.optimizer = optimizer
-        self.grads = grads
+        self.buckets = buckets  # gradient buffers of the data-parallel reduction
         self.train_data = train_data
         self.valid_data = valid_data
         self.metrics = metrics
@@ -92,14 +90,21 @@ class Trainer:
         self.scaler = optimizer.scaler  # fp16 only
         self.state = TrainState()
 
-    def micro_batches(self, dataset, first_sample: int, num_samples: int) -> list[torch.Tensor]:
-        """This dp rank's micro-batches of the samples [first_sample, first_sample + num_samples)."""
-        micro, dp = self.cfg.train.micro_batch_size, self.ctx.dp_group.size
-        batches = []
-        for start in range(first_sample, first_sample + num_samples, micro * dp):
-            tokens = read_batch(dataset, start + self.ctx.dp_group.index * micro, micro, self.cfg.model.vocab_size)
-            batches.append(tokens.to(self.ctx.device, non_blocking=True))
-        return batches
+    def micro_batches(self, dataset, first_sample: int, num_samples: int) -> MicroBatches:
+        """This dp rank's micro-batches of the samples [first_sample, first_sample + num_samples), read where this
+        rank's pipeline stages use them (tokens on the first stage, labels on the last, nothing in between)."""
+        return MicroBatches(
+            dataset,
+            first_sample,
+            num_samples,
+            self.cfg.train.micro_batch_size,
+            self.ctx.dp_group.index,
+            self.ctx.dp_group.size,
+            self.cfg.model.vocab_size,
+            self.ctx.device,
+            inputs=self.executor.needs_inputs,
+            labels=self.executor.needs_labels,
+        )
 
     def forward(self, chunk, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return chunk(x, labels)
@@ -127,7 +132,7 @@ class Trainer:
         Returns (this rank's share of the batch's mean loss, on the device; the schedule's record)."""
         self.chunks.train()
         micro_batches = self.micro_batches(self.train_data, self.state.consumed_samples, batch)
-        self.grads.start_step(len(micro_batches))
+        self.buckets.start_step(len(micro_batches))
         # Each micro-batch's mean loss weighs 1 / num_micro_batches; the dp average happens in the reduction.
         loss_scale = self.scaler.scale if self.scaler is not None else 1.0
         record = self.executor.run(micro_batches, self.forward, backward=True, loss_scale=loss_scale)
@@ -146,7 +151,7 @@ class Trainer:
         loss, _ = self.forward_backward(batch)
         lr = learning_rate(self.state.step, cfg.optim, cfg.train.iters)
         grad_norm, skipped = self.optimizer.step(lr)
-        self.grads.zero()
+        self.buckets.zero()
         self.state.step += 1
         self.state.consumed_samples += batch
         if self.scaler is not None:
@@ -175,7 +180,7 @@ class Trainer:
             result = self.train_step()
         report = MemoryReport(
             params_bytes=tensor_bytes(self.chunks.parameters()),
-            grads_bytes=tensor_bytes(bucket.buffer for bucket in self.grads.buckets),
+            grads_bytes=tensor_bytes(bucket.buffer for bucket in self.buckets.buckets),
             optimizer_bytes=self.optimizer.state_bytes(),
             peak_step_bytes=peak["peak_bytes"],
         )

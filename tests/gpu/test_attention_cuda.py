@@ -58,6 +58,7 @@ def test_the_pipeline_times_stages_with_cuda_events():
     the spans cover the kernels, in order, and read back as seconds on one timeline."""
     import datetime
 
+    from megagpt.data.batches import MicroBatch
     from megagpt.parallel.pipeline import PipelineExecutor
 
     weight = torch.nn.Parameter(torch.randn(1024, 1024, device="cuda"))
@@ -69,7 +70,7 @@ def test_the_pipeline_times_stages_with_cuda_events():
         return y.square().mean()
 
     executor = PipelineExecutor([weight], 0, (0,), (2, 8, 1024), torch.device("cuda"), datetime.timedelta(seconds=60))
-    tokens = [torch.zeros(2, 9, dtype=torch.long, device="cuda") for _ in range(3)]
+    tokens = [MicroBatch.of(torch.zeros(2, 9, dtype=torch.long, device="cuda")) for _ in range(3)]
     record = executor.run(tokens, forward, backward=True)
     spans = record.events
     assert [repr(a) for a, _, _ in spans] == ["F0.0", "B0.0", "F0.1", "B0.1", "F0.2", "B0.2"]

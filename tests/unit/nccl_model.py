@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megagpt.data.batches import MicroBatch
 from megagpt.parallel.pipeline import PipelineExecutor
 
 
@@ -104,7 +105,7 @@ def record(
         datetime.timedelta(seconds=1),
         post=recording_post(program, one_work_per_batch),
     )
-    micro_batches = [torch.zeros(1, seq + 1, dtype=torch.long) for _ in range(num_micro_batches)]
+    micro_batches = [MicroBatch.of(torch.zeros(1, seq + 1, dtype=torch.long)) for _ in range(num_micro_batches)]
     executor.run(micro_batches, _fake_forward, backward=backward)
     return program
 

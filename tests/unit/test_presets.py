@@ -1,10 +1,11 @@
 import pytest
 
+from megagpt.batch_rampup import samples_after
 from megagpt.config import config_from_dict, padded_vocab_size, validate
 from megagpt.model.gpt import GPT, num_parameters
 from megagpt.parallel.context import Group
 from megagpt.presets import GPT3_SIZES, PRESETS
-from megagpt.train.schedules import samples_after, total_train_samples
+from megagpt.train.schedules import total_train_samples
 
 
 @pytest.mark.parametrize("name", list(GPT3_SIZES))

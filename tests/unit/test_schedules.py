@@ -3,15 +3,9 @@ import random
 
 import pytest
 
+from megagpt.batch_rampup import batch_size_at, samples_after, steps_to_consume
 from megagpt.config import OptimConfig, TrainConfig
-from megagpt.train.schedules import (
-    batch_size_at,
-    global_batch_size,
-    learning_rate,
-    samples_after,
-    steps_to_consume,
-    total_train_samples,
-)
+from megagpt.train.schedules import global_batch_size, learning_rate, total_train_samples
 
 
 def test_warmup_then_cosine_then_floor():
