@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from megagpt.checkpoint.load import copy_weights
 from megagpt.checkpoint.paths import open_checkpoint
-from megagpt.checkpoint.rank_state import shards_of
+from megagpt.checkpoint.rank_state import copy_weights, shards_of
 from megagpt.checkpoint.reader import SavedCheckpoint
 from megagpt.config import Config, config_from_dict
 from megagpt.model.gpt import GPT

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from megagpt.checkpoint.format import MOMENTS, CheckpointError
-from megagpt.checkpoint.rank_state import layout_of, param_shards, restore_random_states
-from megagpt.checkpoint.reader import SavedCheckpoint, full_state, full_weight
+from megagpt.checkpoint.rank_state import copy_weights, layout_of, param_shards, restore_random_states
+from megagpt.checkpoint.reader import SavedCheckpoint, full_state
 from megagpt.config import Config
 from megagpt.log import get_logger
 from megagpt.parallel.comm import all_reduce
@@ -123,16 +123,3 @@ def load_weights_and_optimizer(trainer, saved: SavedCheckpoint, has_state: bool)
         optimizer.load_state_dict({"pieces": updates})
     if has_state:
         optimizer.load_state_dict({"step": saved.meta.adam_step})
-
-
-def copy_weights(saved: SavedCheckpoint, shards: dict, vocab_size: int):
-    """Load each parameter's shard of the checkpoint's weights into it; yields (param, shard, full weight).
-    The fp32 main weight, where the saving run had one, is the weight (a bf16 model's weight is its rounding),
-    so a bf16 checkpoint loads into an fp32 model at full precision."""
-    with torch.no_grad():
-        for param, shard in shards.items():
-            weight = full_weight(saved, shard, vocab_size)
-            if weight is None:
-                raise CheckpointError(f"checkpoint {saved.path} has no weights for {shard.name}")
-            param.copy_(shard.cut(weight).view_as(param).to(param.dtype))
-            yield param, shard, weight

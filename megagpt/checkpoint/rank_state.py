@@ -1,5 +1,5 @@
 """What one rank puts into a checkpoint and takes back out: its share of the weights and of the optimizer state
-as layout-free pieces, and its random states.
+as layout-free pieces (copy_weights: the weights back, cut for any layout), and its random states.
 
 Each tensor is written once: dp rank 0 writes the weights, and the optimizer state unless ZeRO-1 splits it over
 dp (then every dp rank writes its own slices); tp rank 0 writes what tp replicates; the last stage's copy of the
@@ -14,7 +14,8 @@ import random
 import numpy as np
 import torch
 
-from megagpt.checkpoint.format import MOMENTS, TensorShard, layout_record
+from megagpt.checkpoint.format import MOMENTS, CheckpointError, TensorShard, layout_record
+from megagpt.checkpoint.reader import SavedCheckpoint, full_weight
 from megagpt.config import Config
 
 
@@ -63,6 +64,19 @@ def rank_pieces(trainer) -> list[dict]:
             if "main" in state:  # the fp32 main weight, where it is a copy of a bf16/fp16 model's weight
                 pieces.append(shard.piece("main", state["main"], start))
     return pieces
+
+
+def copy_weights(saved: SavedCheckpoint, shards: dict, vocab_size: int):
+    """Load each parameter's shard of the checkpoint's weights into it; yields (param, shard, full weight).
+    The fp32 main weight, where the saving run had one, is the weight (a bf16 model's weight is its rounding),
+    so a bf16 checkpoint loads into an fp32 model at full precision."""
+    with torch.no_grad():
+        for param, shard in shards.items():
+            weight = full_weight(saved, shard, vocab_size)
+            if weight is None:
+                raise CheckpointError(f"checkpoint {saved.path} has no weights for {shard.name}")
+            param.copy_(shard.cut(weight).view_as(param).to(param.dtype))
+            yield param, shard, weight
 
 
 def layout_of(cfg: Config, ctx) -> dict:

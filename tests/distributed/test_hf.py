@@ -29,9 +29,8 @@ def pipeline_logits(ctx, checkpoint: str, x: torch.Tensor):
     """The logits of a checkpoint loaded into this rank's tp x pp share, through the two pipeline stages."""
     import torch.distributed as dist
 
-    from megagpt.checkpoint.load import copy_weights
     from megagpt.checkpoint.paths import open_checkpoint
-    from megagpt.checkpoint.rank_state import shards_of
+    from megagpt.checkpoint.rank_state import copy_weights, shards_of
     from megagpt.config import config_from_dict
     from megagpt.train.pretrain import build_model
 
