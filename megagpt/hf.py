@@ -367,16 +367,12 @@ def checkpoint_to_hf_folder(checkpoint: str | Path, out: str | Path, dtype: torc
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from megagpt.inference import open_checkpoint
-    from megagpt.train.checkpoint_format import METADATA
+    from megagpt.checkpoint.format import METADATA
+    from megagpt.checkpoint.paths import open_checkpoint
 
     saved = open_checkpoint(checkpoint)
-    names = sorted({name for kind, name, _, _ in saved.meta["index"] if kind == "weight"})
-    tensors = {}
-    for name in names:
-        full = saved.full("main", name)  # the fp32 main weight where the run kept one
-        tensors[name] = (full if full is not None else saved.full("weight", name)).float()
-    config, state = to_hf(tensors, saved.meta["model"])
+    tensors = {name: saved.weight(name).float() for name in saved.names("weight")}  # fp32 main weights if kept
+    config, state = to_hf(tensors, saved.meta.model)
     out = Path(out)
     taken = [name for name in ("config.json", "model.safetensors", METADATA, "latest") if (out / name).exists()]
     if taken:  # another model folder, or a training run's checkpoints: never overwrite them
@@ -385,8 +381,8 @@ def checkpoint_to_hf_folder(checkpoint: str | Path, out: str | Path, dtype: torc
     config.save_pretrained(out)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id).save_pretrained(out)
     save_file({name: t.to(dtype) for name, t in state.items()}, str(out / "model.safetensors"), {"format": "pt"})
-    if saved.meta["model"]["vocab_size"] == GPT2_VOCAB:
-        write_gpt2_tokenizer(out, max_position_count(saved.meta["model"]))
+    if saved.meta.model["vocab_size"] == GPT2_VOCAB:
+        write_gpt2_tokenizer(out, max_position_count(saved.meta.model))
     return out
 
 
@@ -423,27 +419,25 @@ def hf_folder_to_checkpoint(
 
     import yaml
 
+    from megagpt.checkpoint.format import CheckpointMetadata, TensorShard, layout_record
+    from megagpt.checkpoint.offline import OfflineCheckpointWriter
+    from megagpt.checkpoint.reshard import reshard_checkpoint
     from megagpt.config import config_from_dict, validate
-    from megagpt.train.checkpoint import OfflineCheckpointWriter
-    from megagpt.train.checkpoint_format import TensorShard
-    from megagpt.train.reshard import reshard_checkpoint
 
     hf_config, state = read_hf_folder(hf_folder)
     model_section, tensors = from_hf(hf_config, state)
     cfg = config_from_dict({"model": model_section, "data": {"synthetic": True}, "train": {"device": "cpu"}})
     validate(cfg)
-    model_cfg = cfg.to_dict()["model"]
-    metadata = {
-        "step": 0, "consumed_samples": 0, "train_samples": None, "adam_step": 0.0, "precision": "fp32",
-        "seed": cfg.train.seed, "model": model_cfg, "loss_scaler": None,
-        "layout": {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "zero": 0, "world_size": 1},
-        "converted_from": {"path": str(Path(hf_folder).resolve()), "model_type": hf_config["model_type"]},
-    }  # fmt: skip
+    metadata = CheckpointMetadata(
+        step=0, consumed_samples=0, train_samples=None, adam_step=0.0, precision="fp32", seed=cfg.train.seed,
+        model=cfg.to_dict()["model"], loss_scaler=None, layout=layout_record(1, 1, 1, 1, 0),
+        converted_from={"path": str(Path(hf_folder).resolve()), "model_type": hf_config["model_type"]},
+    )  # fmt: skip
     out = Path(out)
     one_process = (tp, pp, vpp, dp, zero) == (1, 1, 1, 1, 0)
     staging = out if one_process else Path(tempfile.mkdtemp(prefix="megagpt-convert-"))
     writer = OfflineCheckpointWriter(staging, 0)
-    writer.add_rank(0, [TensorShard(name, tuple(t.shape), -1, 0, 1).chunk("weight", t) for name, t in tensors.items()])
+    writer.add_rank(0, [TensorShard(name, tuple(t.shape), -1, 0, 1).piece("weight", t) for name, t in tensors.items()])
     folder = writer.finish(metadata)
     if not one_process:
         folder = reshard_checkpoint(folder, out, tp, pp, vpp, dp, zero)

@@ -3,7 +3,7 @@ share of a tensor-parallel layout.
 
     model, cfg = load_for_inference("runs/ck", ParallelContext.single_process())
 
-The checkpoint may come from any layout: its tensors are re-split for this one (train/checkpoint_format.py). The
+The checkpoint may come from any layout: its tensors are re-split for this one (checkpoint/format.py). The
 model is built on the meta device and filled from the checkpoint, so no random init is spent, and runs with
 dropout off. Pipeline parallelism is not used here: each rank holds every layer of its tensor-parallel share.
 """
@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from megagpt.checkpoint.paths import open_checkpoint
+from megagpt.checkpoint.rank_state import copy_weights, shards_of
+from megagpt.checkpoint.reader import SavedCheckpoint
 from megagpt.config import Config, config_from_dict
 from megagpt.data.batches import read_batch
 from megagpt.launch import discover_launch, resolve_device, set_cpu_threads
@@ -26,29 +29,19 @@ from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.params import copy_spec
 from megagpt.parallel.random import TensorParallelRNG
 from megagpt.parallel.topology import Topology
-from megagpt.train.checkpoint import copy_weights, latest_checkpoint, shards_of
-from megagpt.train.checkpoint_format import METADATA, SavedCheckpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def open_checkpoint(path: str | Path) -> SavedCheckpoint:
-    """A checkpoint folder, or a checkpoint.dir (its latest)."""
-    path = Path(path)
-    if path.is_dir() and not (path / METADATA).exists():
-        path = latest_checkpoint(path, required=True)
-    return SavedCheckpoint(path)
-
-
 def inference_config(saved: SavedCheckpoint, ctx: ParallelContext, precision: str = "fp32") -> Config:
-    model = {**saved.meta["model"], "dropout": 0.0}
+    model = {**saved.meta.model, "dropout": 0.0}
     if ctx.device.type != "cuda":
         model["fused_kernels"] = "auto"  # a checkpoint trained with kernels "on" still runs on the CPU
     return config_from_dict(
         {
             "model": model,
             "parallel": {"tp": ctx.tp_group.size},
-            "train": {"precision": precision, "device": ctx.device.type, "seed": saved.meta.get("seed", 1234)},
+            "train": {"precision": precision, "device": ctx.device.type, "seed": saved.meta.seed},
             "data": {"synthetic": True},
         }
     )

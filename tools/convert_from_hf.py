@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args(argv)
     try:
+        from megagpt.checkpoint.reshard import check_layout_args
         from megagpt.hf import hf_folder_to_checkpoint
         from megagpt.log import setup_logging
-        from megagpt.train.reshard import check_layout_args
 
         setup_logging()
         check_layout_args(args.tp, args.pp, args.vpp, args.dp, args.zero)

@@ -27,9 +27,9 @@ Who reads what:
     finalize_grads (parallel/grads.py)      sequence_parallel, tied_embedding
     gradient norm (parallel/grads.py)       tp_split_dim, embedding_copy (through counted_on)
     optimizer (train/optimizer.py)          copy_spec onto its fp32 main pieces, which the two above then read
-    checkpoints (train/checkpoint*.py)      tp_split_dim (how a tensor is cut), embedding_copy (who writes it)
+    checkpoints (checkpoint/*.py)           tp_split_dim (how a tensor is cut), embedding_copy (who writes it)
     inference (inference.py)                copy_spec across `to_empty`, which makes new Parameter objects
-    reshard (train/reshard.py)              through the checkpoints' TensorShard, built from tp_split_dim
+    reshard (checkpoint/reshard.py)         through the checkpoints' TensorShard, built from tp_split_dim
 
 The spec lives in one attribute of the parameter (SPEC_ATTR). It is frozen, so parameters may share one.
 """

@@ -39,14 +39,27 @@ def _set_state(state: torch.Tensor, device: torch.device) -> None:
 class TensorParallelRNG:
     def __init__(self, seed: int, tp_rank: int, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
+        self.tp_rank = tp_rank
+        self.depth = 0
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Start the tp stream afresh from seed (plus the offset and this tp rank); the default stream is left
+        where it was. (A checkpoint loaded into another layout re-seeds from the seed and the step.)"""
         default = _get_state(self.device)
         if self.device.type == "cuda":
-            torch.cuda.manual_seed(seed + TP_SEED_OFFSET + tp_rank)
+            torch.cuda.manual_seed(seed + TP_SEED_OFFSET + self.tp_rank)
         else:
-            torch.manual_seed(seed + TP_SEED_OFFSET + tp_rank)
+            torch.manual_seed(seed + TP_SEED_OFFSET + self.tp_rank)
         self.tp_state = _get_state(self.device)
         _set_state(default, self.device)
-        self.depth = 0
+
+    def state_dict(self) -> dict:
+        """The tp stream's generator state (a copy), to save with the rank's other random states."""
+        return {"tp_state": self.tp_state.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tp_state = state["tp_state"].clone()
 
     @contextlib.contextmanager
     def fork(self):

@@ -122,3 +122,45 @@ class MainParamOptimizer:
         moments = sum(t.numel() * t.element_size() for s in self.adam.state.values() for t in s.values() if t.ndim)
         main_copies = sum(m.numel() * m.element_size() for m in self.mains) if self.copies_back else 0
         return moments + main_copies
+
+    def state_dict(self) -> dict:
+        """This rank's optimizer state, piece by piece, as a checkpoint saves it:
+
+            {"step": Adam's step count (the same for every piece),
+             "sharded": True where the pieces are this rank's ZeRO-1 slices (each dp rank holds its own),
+             "pieces": [{"param": the model parameter, "start": int, "end": int,   # its flat range [start, end)
+                         "exp_avg": tensor, "exp_avg_sq": tensor,
+                         "main": tensor}, ...]}   # the fp32 main weight, only where it is a copy (bf16/fp16)
+
+        The tensors are the optimizer's own, not copies (torch's convention): a checkpoint copies what it writes."""
+        steps = [float(state["step"]) for state in self.adam.state.values()]
+        pieces = []
+        for param, start, end, main in self.pieces:
+            adam = self.adam.state[main]
+            piece = {"param": param, "start": start, "end": end}
+            piece.update(exp_avg=adam["exp_avg"], exp_avg_sq=adam["exp_avg_sq"])
+            if self.copies_back:  # an fp32 model's main weights are its parameters: saved as the weights
+                piece["main"] = main
+            pieces.append(piece)
+        return {"step": steps[0] if steps else 0.0, "sharded": self.grads.shard, "pieces": pieces}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy state into this optimizer's tensors, in place: all of a state_dict(), or any part of it. Each entry
+        of "pieces" names its piece by "param" and "start" and brings any of exp_avg, exp_avg_sq and main; "step",
+        when given, becomes every piece's Adam step count. (A checkpoint loads one parameter at a time, so that
+        no rank holds the whole model's state twice.)"""
+        by_start = {(id(param), start): main for param, start, _, main in self.pieces}
+        with torch.no_grad():
+            for piece in state.get("pieces", []):
+                main = by_start.get((id(piece["param"]), piece["start"]))
+                if main is None:
+                    raise KeyError(f"this optimizer holds no piece starting at {piece['start']} of that parameter")
+                adam = self.adam.state[main]
+                for kind in ("exp_avg", "exp_avg_sq"):
+                    if kind in piece:
+                        adam[kind].copy_(piece[kind])
+                if "main" in piece:
+                    main.copy_(piece["main"])
+            if state.get("step") is not None:
+                for adam in self.adam.state.values():
+                    adam["step"].fill_(state["step"])

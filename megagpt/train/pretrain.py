@@ -12,6 +12,9 @@ import numpy as np
 import torch
 import yaml
 
+from megagpt.checkpoint.load import load_checkpoint
+from megagpt.checkpoint.paths import resolve_load
+from megagpt.checkpoint.reader import SavedCheckpoint
 from megagpt.config import Config, dump_config
 from megagpt.data.batches import read_batch
 from megagpt.data.gpt_dataset import build_datasets
@@ -25,11 +28,10 @@ from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.pipeline import PipelineExecutor, stage_layers, virtual_stage
 from megagpt.parallel.random import TensorParallelRNG
-from megagpt.train.checkpoint import Checkpointer, load_checkpoint, resolve_load
-from megagpt.train.checkpoint_format import SavedCheckpoint
 from megagpt.train.loss_scaler import LossScaler
 from megagpt.train.metrics import MetricsWriter
 from megagpt.train.optimizer import MainParamOptimizer
+from megagpt.train.run_control import Checkpointer
 from megagpt.train.run_folders import RunFolders, hold_run_folders
 from megagpt.train.schedules import total_train_samples
 from megagpt.train.trainer import Trainer, TrainState
@@ -255,12 +257,12 @@ def _pretrain(cfg: Config, ctx: ParallelContext, resume_from: Path | None, folde
         )
 
     if checkpointer is not None:
-        checkpointer.install_signal_handlers()  # SIGTERM / SIGUSR1: save at the next step boundary and stop
+        checkpointer.stops.install_signal_handlers()  # SIGTERM / SIGUSR1: save at the next step boundary and stop
     try:
         state = trainer.train()
     finally:
         if checkpointer is not None:
-            checkpointer.uninstall_signal_handlers()
+            checkpointer.stops.uninstall_signal_handlers()
         if metrics is not None:
             metrics.close()
     final = [row for row in state.history if "val_loss" in row]

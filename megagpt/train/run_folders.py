@@ -84,7 +84,7 @@ class RunFolders:
 def hold_run_folders(cfg: Config, ctx, resume_from: Path | None) -> RunFolders:
     """Rank 0 locks logging.dir and checkpoint.dir and checks that this run may write there; every rank raises
     the same sentence when it may not."""
-    from megagpt.train.checkpoint import complete_checkpoints
+    from megagpt.checkpoint.paths import complete_checkpoints
 
     folders = RunFolders()
     error = ""

@@ -41,6 +41,14 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # the logged rows, also returned to callers and tests
     memory: list[dict] = field(default_factory=list)  # after the first step: MemoryReport.as_dict() of each rank
 
+    def state_dict(self) -> dict:
+        """The training position a checkpoint restores: steps taken and samples read (the data position)."""
+        return {"step": self.step, "consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.consumed_samples = int(state["consumed_samples"])
+
 
 @dataclass
 class StepResult:
@@ -86,7 +94,7 @@ class Trainer:
         self.train_data = train_data
         self.valid_data = valid_data
         self.metrics = metrics
-        self.checkpointer = checkpointer  # train/checkpoint.py: saves, and stops the run on a signal
+        self.checkpointer = checkpointer  # train/run_control.py: saves, and stops the run on a signal
         self.scaler = optimizer.scaler  # fp16 only
         self.state = TrainState()
 

@@ -1,4 +1,4 @@
-"""Checkpoints across processes (megagpt/train/checkpoint.py, CPU, gloo):
+"""Checkpoints across processes (megagpt/checkpoint/, CPU, gloo):
 
 - resume is exact: at (tp, pp, dp) = (2, 2, 2) with ZeRO-1 and dropout, the steps after a resume compute bit for bit
   what an uninterrupted run computes (and at (1, 1, 1), in tests/unit/test_checkpoint.py);
@@ -108,8 +108,8 @@ def reshard_world(rank, world_size, root, unsharded_checkpoint):
 
 
 def test_checkpoints_reshard_across_layouts_and_training_continues_as_unsharded(unsharded, tmp_path):
-    from megagpt.train.checkpoint_format import SavedCheckpoint
-    from megagpt.train.reshard import reshard_checkpoint
+    from megagpt.checkpoint.reader import SavedCheckpoint
+    from megagpt.checkpoint.reshard import reshard_checkpoint
 
     curve, unsharded_checkpoint = unsharded
     result = run_world(4, reshard_world, str(tmp_path), str(unsharded_checkpoint))[0]
@@ -120,7 +120,7 @@ def test_checkpoints_reshard_across_layouts_and_training_continues_as_unsharded(
     assert result["from_212"] == pytest.approx(curve[RESUME_AT:], **rel)  # (2,1,2) zero=1 -> (1,2,2)
     # Each tensor is written once: the tied embedding by the first stage's two tp ranks, not the last stage's too.
     meta = SavedCheckpoint(tmp_path / "ck_221" / "step_00000003").meta
-    assert sorted(f for kind, name, f, _ in meta["index"] if (kind, name) == ("weight", "wte.weight")) == [
+    assert sorted(f for kind, name, f, _ in meta.index if (kind, name) == ("weight", "wte.weight")) == [
         "rank_00000.pt",
         "rank_00001.pt",
     ]
@@ -134,9 +134,9 @@ def test_checkpoints_reshard_across_layouts_and_training_continues_as_unsharded(
 
 def killed_during_save_world(rank, world_size, root):
     """dp=2, saving every 2 steps; rank 1 dies (as kill -9 would) halfway through writing the step-4 checkpoint."""
-    import megagpt.train.checkpoint as checkpoint
+    import megagpt.checkpoint.save as checkpoint_save
 
-    write = checkpoint.write_rank_file
+    write = checkpoint_save.write_rank_file
 
     def write_then_die(payload, path):
         if rank == 1 and path.parent.name.startswith("step_00000004"):
@@ -145,7 +145,7 @@ def killed_during_save_world(rank, world_size, root):
             os._exit(9)
         write(payload, path)
 
-    checkpoint.write_rank_file = write_then_die
+    checkpoint_save.write_rank_file = write_then_die
     try:
         train(
             rank,
@@ -164,8 +164,8 @@ def killed_during_save_world(rank, world_size, root):
 
 
 def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
-    from megagpt.train.checkpoint import latest_checkpoint
-    from megagpt.train.checkpoint_format import SavedCheckpoint
+    from megagpt.checkpoint.paths import latest_checkpoint
+    from megagpt.checkpoint.reader import SavedCheckpoint
 
     outcome = run_world(2, killed_during_save_world, str(tmp_path), allow_deaths=True)
     assert outcome[1] == DIED and outcome[0].startswith("failed")
@@ -183,7 +183,7 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_loadable(tmp
 
 def corrupt_file_world(rank, world_size, root):
     """dp=2: rank 1's own file (its random states) is corrupt, so only rank 1 fails to load; both must raise."""
-    from megagpt.train.checkpoint_format import CheckpointError
+    from megagpt.checkpoint.format import CheckpointError
 
     try:
         train(

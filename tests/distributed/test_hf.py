@@ -29,16 +29,16 @@ def pipeline_logits(ctx, checkpoint: str, x: torch.Tensor):
     """The logits of a checkpoint loaded into this rank's tp x pp share, through the two pipeline stages."""
     import torch.distributed as dist
 
+    from megagpt.checkpoint.paths import open_checkpoint
+    from megagpt.checkpoint.rank_state import copy_weights, shards_of
     from megagpt.config import config_from_dict
-    from megagpt.inference import open_checkpoint
-    from megagpt.train.checkpoint import copy_weights, shards_of
     from megagpt.train.pretrain import build_model
 
     saved = open_checkpoint(checkpoint)
     t = ctx.topology
     cfg = config_from_dict(
         {
-            "model": {**saved.meta["model"], "dropout": 0.0},
+            "model": {**saved.meta.model, "dropout": 0.0},
             "parallel": {"tp": t.tp, "pp": t.pp},
             "train": {"global_batch_size": t.pp, "micro_batch_size": 1, "device": "cpu"},
             "data": {"synthetic": True},

@@ -1,4 +1,4 @@
-"""Checkpoints in one process (megagpt/train/checkpoint.py): exact resume, what a damaged or mismatched
+"""Checkpoints in one process (megagpt/checkpoint/, train/run_control.py): exact resume, what a damaged or mismatched
 checkpoint says, keeping the newest K, unsafe files, stopping on SIGTERM or a time limit and resuming exactly."""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import time
 import pytest
 import torch
 
+from megagpt.checkpoint.format import CheckpointError, sha256_of
+from megagpt.checkpoint.reader import SavedCheckpoint
 from megagpt.config import validate
 from megagpt.errors import ConfigError
 from megagpt.parallel.context import ParallelContext
-from megagpt.train.checkpoint_format import CheckpointError, SavedCheckpoint, sha256_of
 from megagpt.train.pretrain import pretrain
 from tests.conftest import REPO, tiny_config
 
@@ -258,8 +259,8 @@ def test_after_resuming_from_an_older_checkpoint_pruning_keeps_the_new_ones(tmp_
 
 
 def test_a_bf16_checkpoint_loads_into_fp32_at_the_main_weights_precision(tmp_path):
+    from megagpt.checkpoint.load import load_checkpoint
     from megagpt.data.gpt_dataset import SyntheticDataset
-    from megagpt.train.checkpoint import load_checkpoint
     from megagpt.train.pretrain import build_trainer
 
     run(tmp_path, "bf16", "train.iters=2", "train.precision=bf16", f"checkpoint.dir={tmp_path / 'ck'}")
@@ -289,9 +290,10 @@ def test_old_checkpoints_are_deleted_off_the_training_thread(tmp_path, monkeypat
     save's barrier past NCCL's watchdog; a save returns while its delete still runs."""
     import threading
 
-    from megagpt.train import checkpoint
+    from megagpt.checkpoint import publish
+    from megagpt.train import run_control
 
-    deleted, real_delete = [], checkpoint.delete_checkpoint
+    deleted, real_delete = [], publish.delete_checkpoint
     release = threading.Event()
 
     def slow_delete(path):
@@ -300,7 +302,7 @@ def test_old_checkpoints_are_deleted_off_the_training_thread(tmp_path, monkeypat
         real_delete(path)
 
     saves_done = []
-    real_save = checkpoint.save_checkpoint
+    real_save = run_control.save_checkpoint
 
     def save_then_release(trainer, *args):
         release.clear()
@@ -311,8 +313,8 @@ def test_old_checkpoints_are_deleted_off_the_training_thread(tmp_path, monkeypat
             trainer.checkpointer.pruner.thread.join()  # deterministic: each prune ends before the next save
         return folder
 
-    monkeypatch.setattr(checkpoint, "delete_checkpoint", slow_delete)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_release)
+    monkeypatch.setattr(publish, "delete_checkpoint", slow_delete)
+    monkeypatch.setattr(run_control, "save_checkpoint", save_then_release)
     ck = tmp_path / "ck"
     run(tmp_path, "r", "train.iters=4", "checkpoint.save_interval=1", "checkpoint.keep=2", f"checkpoint.dir={ck}")
     assert saves_done[2] == ("step_00000003", [])  # step 3's save returned before step 1 was deleted
@@ -324,9 +326,9 @@ def test_old_checkpoints_are_deleted_off_the_training_thread(tmp_path, monkeypat
 def test_a_full_disk_during_a_save_names_the_checkpoint_and_the_intact_one(tmp_path, monkeypatch):
     import errno
 
-    from megagpt.train import checkpoint
+    from megagpt.checkpoint import save
 
-    real_write, calls = checkpoint.write_rank_file, []
+    real_write, calls = save.write_rank_file, []
 
     def fill_the_disk(payload, path):
         calls.append(path)
@@ -338,7 +340,7 @@ def test_a_full_disk_during_a_save_names_the_checkpoint_and_the_intact_one(tmp_p
                 raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from e
         real_write(payload, path)
 
-    monkeypatch.setattr(checkpoint, "write_rank_file", fill_the_disk)
+    monkeypatch.setattr(save, "write_rank_file", fill_the_disk)
     ck = tmp_path / "ck"
     with pytest.raises(CheckpointError) as info:
         run(tmp_path, "r", "checkpoint.save_interval=1", "checkpoint.keep=5", f"checkpoint.dir={ck}")
@@ -354,7 +356,7 @@ def test_a_prune_put_off_by_a_slow_one_is_done_by_the_end(tmp_path):
     """While one delete still runs, the next save does not wait for it: its prune is put off, and done later."""
     import threading
 
-    from megagpt.train.checkpoint import BackgroundPruner
+    from megagpt.checkpoint.publish import BackgroundPruner
 
     ck = tmp_path / "ck"
     run(tmp_path, "r", "train.iters=4", "checkpoint.save_interval=1", "checkpoint.keep=10", f"checkpoint.dir={ck}")

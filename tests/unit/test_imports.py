@@ -24,16 +24,15 @@ PACKAGE = REPO / "megagpt"
 
 # (importing module, imported module): why the import sits inside a function instead of at the top.
 FUNCTION_LOCAL = {
-    ("megagpt.hf", "megagpt.inference"): "conversion machinery: `import megagpt.hf` (the name maps) stays light",
-    ("megagpt.hf", "megagpt.train.checkpoint_format"): "conversion machinery, loaded only when converting",
+    ("megagpt.hf", "megagpt.checkpoint.format"): "conversion machinery, loaded only when converting",
+    ("megagpt.hf", "megagpt.checkpoint.paths"): "conversion machinery, loaded only when converting",
+    ("megagpt.hf", "megagpt.checkpoint.offline"): "conversion machinery, loaded only when converting",
     ("megagpt.hf", "megagpt.data.tokenizer"): "the tokenizer files are needed only when writing an HF folder",
     ("megagpt.hf", "megagpt.config"): "conversion machinery, loaded only when converting",
-    ("megagpt.hf", "megagpt.train.checkpoint"): "conversion machinery, loaded only when converting",
-    ("megagpt.hf", "megagpt.train.reshard"): "resharding pulls in the whole training stack; only for --tp/--pp",
-    ("megagpt.train.reshard", "megagpt.train.pretrain"): "build_model lives in train/pretrain.py, the whole training "
-    "stack; hoist once it sits next to the model (issue 24, item 5)",
-    ("megagpt.train.run_folders", "megagpt.train.checkpoint"): "only the lock check lists checkpoints; checkpoint.py's "
-    "split (issue 24, item 3) decides where complete_checkpoints lives",
+    ("megagpt.hf", "megagpt.checkpoint.reshard"): "resharding pulls in the whole training stack; only for --tp/--pp",
+    ("megagpt.checkpoint.reshard", "megagpt.train.pretrain"): "build_model lives in train/pretrain.py, the whole "
+    "training stack; hoist once it sits next to the model (issue 24, item 5)",
+    ("megagpt.train.run_folders", "megagpt.checkpoint.paths"): "only the lock check lists checkpoints",
 }
 
 # Modules config.py and presets.py may import besides each other must be leaves: they import nothing of megagpt but
