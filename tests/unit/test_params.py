@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import megagpt.parallel.grads as grads_module
+from megagpt.checkpoint.format import TensorShard
+from megagpt.checkpoint.rank_state import writes_weight
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.grads import finalize_grads, global_grad_norm
 from megagpt.parallel.params import ParamSpec, copy_spec, set_spec, spec_of, update_spec
 from megagpt.parallel.topology import Topology
-from megagpt.checkpoint.rank_state import writes_weight
-from megagpt.checkpoint.format import TensorShard
 from megagpt.train.pretrain import build_model
 from tests.conftest import tiny_config
 
