@@ -26,7 +26,7 @@ def _state_bytes_worker(rank: int, world_size: int, zero: int):
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     torch.set_num_threads(1)
     cfg = config_from_dict(
@@ -68,7 +68,7 @@ def recompute_table(steps: int, dropout: float) -> None:
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
     from megagpt.train.memory import step_peak
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     overrides = [
         "model.num_layers=4", "model.hidden_size=256", "model.num_heads=8", "model.seq_length=512",

@@ -44,7 +44,7 @@ def _stage_worker(rank: int, world_size: int, vpp: int, m: int, steps: int, hidd
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     cfg = bubble_config(world_size, vpp, m, steps, hidden, seq)
     ctx = ParallelContext.initialize(Topology(1, 1, world_size), rank, torch.device("cpu"))

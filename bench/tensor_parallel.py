@@ -43,7 +43,7 @@ def bench_config(args, tp: int, sp: bool):
 def measure(cfg, ctx, steps: int) -> dict:
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.comm import comm_stats, reset_comm_stats
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     data = SyntheticDataset(cfg.train.global_batch_size * (steps + 1), cfg.model.seq_length, cfg.model.vocab_size, 0)
     trainer = build_trainer(cfg, ctx, data, None, None)

@@ -60,7 +60,7 @@ def megagpt_config(args, device, dtype_name):
 def megagpt_step(args, device, cfg):
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     data = SyntheticDataset(args.batch * (args.steps + 2) * 2, args.seq, VOCAB, seed=1)
     trainer = build_trainer(cfg, ParallelContext.single_process(device), data, None, None)

@@ -73,7 +73,7 @@ def dry_run(cfg, world_size: int, meta_ranks: str | None = None) -> dict:
 
 def meta_rank_params(cfg, topology: Topology, rank: int) -> int:
     """Parameters of one rank's model chunks, built on the meta device (no memory)."""
-    from megagpt.train.pretrain import build_model
+    from megagpt.model.build import build_model
 
     with torch.device("meta"):
         chunks = build_model(cfg, ParallelContext.planned(topology, rank))
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None):
             f"layout tp={topology.tp} dp={topology.dp} pp={topology.pp}"
         )
 
-        from megagpt.train.pretrain import pretrain  # after validation: heavy imports only for a valid run
+        from megagpt.train.run import pretrain  # after validation: heavy imports only for a valid run
 
         finished = False
         try:

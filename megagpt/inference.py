@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from megagpt.config import Config, config_from_dict
+from megagpt.model.facts import compute_dtype
 from megagpt.model.gpt import GPT
 from megagpt.parallel.comm import shutdown
 from megagpt.parallel.context import ParallelContext
@@ -24,8 +25,6 @@ from megagpt.parallel.random import TensorParallelRNG
 from megagpt.train.checkpoint import copy_weights, latest_checkpoint, shards_of
 from megagpt.train.checkpoint_format import METADATA, SavedCheckpoint
 from megagpt.train.optimizer import MARKS
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def open_checkpoint(path: str | Path) -> SavedCheckpoint:
@@ -59,7 +58,7 @@ def load_for_inference(path: str | Path, ctx: ParallelContext, precision: str = 
         model = GPT(cfg.model, tp, rng=rng, init_seed=0)
     # to_empty makes new Parameter objects off the meta device: carry the tensor-parallel marks over.
     marks = {name: {m: getattr(p, m) for m in MARKS if hasattr(p, m)} for name, p in model.named_parameters()}
-    model = model.to_empty(device=ctx.device).to(DTYPES[precision])
+    model = model.to_empty(device=ctx.device).to(compute_dtype(precision))
     for name, param in model.named_parameters():
         for mark, value in marks[name].items():
             setattr(param, mark, value)

@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         from megagpt.hf import checkpoint_to_hf_folder
-        from megagpt.inference import DTYPES as TORCH_DTYPES
+        from megagpt.model.facts import COMPUTE_DTYPES
 
-        out = checkpoint_to_hf_folder(args.load, args.out, TORCH_DTYPES[args.dtype])
+        out = checkpoint_to_hf_folder(args.load, args.out, COMPUTE_DTYPES[args.dtype])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from megagpt.config import ModelConfig, max_positions, padded_vocab_size
 from megagpt.kernels import LayerNorm
 from megagpt.model.attention import causal_attention, pick_backend
+from megagpt.model.facts import layer_window
 from megagpt.model.loss import linear_cross_entropy
 from megagpt.parallel.comm import copy_to_group, gather_from_group, gather_from_sequence
 from megagpt.parallel.context import Group
@@ -50,12 +51,6 @@ from megagpt.parallel.tensor_parallel import (
 )
 
 
-def layer_attention_window(cfg: ModelConfig, layer: int) -> int | None:
-    """None for a dense layer, the band width for a local one."""
-    kind = cfg.attention_pattern[layer % len(cfg.attention_pattern)]
-    return cfg.local_window if kind == "local" else None
-
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group, sp: bool, rng, recompute_core: bool):
         super().__init__()
@@ -64,7 +59,7 @@ class SelfAttention(nn.Module):
         self.recompute_core = recompute_core
         self.heads = divide(cfg.num_heads, tp_group.size, "num_heads")  # heads on this rank
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.window = layer_attention_window(cfg, layer)
+        self.window = layer_window(cfg, layer)
         self.backend = cfg.attention_backend
         self.fused_kernels = cfg.fused_kernels
         self.dropout = cfg.dropout
@@ -267,7 +262,7 @@ class GPT(nn.Module):
             weight = self.wte.weight[: self.vocab_size]
             if labels is None:
                 return F.linear(x, weight)
-            # Softmax and loss in fp32 whatever the compute precision, chunk by chunk (model/loss.py).
+            # Softmax and loss in fp32 whatever the compute precision, one row block at a time (model/loss.py).
             return linear_cross_entropy(x.flatten(0, 1), weight, labels.flatten())
 
         logits = F.linear(x, self.wte.weight).float()  # (b, s, V_padded/tp)
@@ -284,13 +279,3 @@ class GPT(nn.Module):
 def residual_init_std(cfg: ModelConfig) -> float:
     """GPT-2's scaled init for the projections that write into the residual stream."""
     return cfg.init_std / math.sqrt(2.0 * cfg.num_layers)
-
-
-def num_parameters(cfg: ModelConfig, vocab_rows: int | None = None) -> int:
-    """Parameters of the whole model (all tp ranks together); vocab_rows defaults to the real vocabulary."""
-    h, layers = cfg.hidden_size, cfg.num_layers
-    vocab_rows = cfg.vocab_size if vocab_rows is None else vocab_rows
-    embeddings = vocab_rows * h + max_positions(cfg) * h
-    # qkv 3h^2 (+3h), proj h^2 + h, fc 4h^2 + 4h, fc2 4h^2 + h, two LayerNorms 4h
-    per_layer = 12 * h * h + (3 * h if cfg.qkv_bias else 0) + 10 * h
-    return embeddings + layers * per_layer + 2 * h

@@ -51,7 +51,7 @@ def reshard_checkpoint(
     source: str | Path, out: str | Path, tp: int, pp: int, vpp: int = 1, dp: int = 1, zero: int = 0
 ) -> Path:
     """Write `source` for the layout (tp, pp, vpp, dp, zero) as out/step_N (and out/latest); returns the folder."""
-    from megagpt.train.pretrain import build_model
+    from megagpt.model.build import build_model
 
     saved = SavedCheckpoint(source)
     out = Path(out)

@@ -57,7 +57,7 @@ def one_step_gradients(cfg, ctx):
     """Run the first step's forward and backward; return its loss, record, and {name: full gradient}."""
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.comm import all_gather
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     data = SyntheticDataset(64, cfg.model.seq_length, cfg.model.vocab_size, seed=5)
     trainer = build_trainer(cfg, ctx, data, None, None)
@@ -76,7 +76,7 @@ def check_pipeline_layout(rank, world_size, tp, pp, dp, vpp, sp, layers, run_dir
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.pipeline import max_alive_promised, schedule, schedule_steps, virtual_stage
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     cfg = pipeline_config(tp, pp, vpp, sp, layers, run_dir)
     ctx = ParallelContext.initialize(Topology(tp, dp, pp), rank, torch.device("cpu"))
@@ -121,7 +121,7 @@ def check_pipeline_layout(rank, world_size, tp, pp, dp, vpp, sp, layers, run_dir
 @pytest.fixture(scope="module")
 def reference_runs(tmp_path_factory):
     from megagpt.parallel.context import ParallelContext
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     runs = {}
     for layers in sorted({layout[-1] for layout in LAYOUTS}):
@@ -171,7 +171,7 @@ def die_mid_step(rank, world_size, run_dir):
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.pipeline import PipelineError
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     cfg = pipeline_config(1, 2, 1, False, 4, run_dir, "parallel.timeout_s=30")
     ctx = ParallelContext.initialize(Topology(1, 1, 2), rank, torch.device("cpu"))
@@ -209,7 +209,7 @@ def mismatched_configs(rank, world_size, run_dir):
     from megagpt.errors import UserError
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     seq = 32 if rank == 0 else 16
     cfg = pipeline_config(1, 2, 1, False, 4, run_dir, f"model.seq_length={seq}")
@@ -233,7 +233,7 @@ def hang_mid_step(rank, world_size, run_dir):
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     cfg = pipeline_config(1, 2, 1, False, 4, run_dir, "parallel.timeout_s=3")
     ctx = ParallelContext.initialize(Topology(1, 1, 2), rank, torch.device("cpu"))
@@ -263,10 +263,10 @@ def test_a_hung_peer_ends_the_step_after_the_timeout(tmp_path):
 
 
 def dropout_streams_per_stage(rank, world_size):
+    from megagpt.model.build import build_model
     from megagpt.parallel.comm import all_gather
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import build_model
 
     ctx = ParallelContext.initialize(Topology(1, 1, 2), rank, torch.device("cpu"))
     (chunk,) = build_model(pipeline_config(1, 2, 1, False, 4, "unused", "model.dropout=0.5"), ctx)

@@ -86,7 +86,7 @@ MEMORY_CONFIGS = {
 
 @pytest.mark.parametrize("overrides", MEMORY_CONFIGS.values(), ids=MEMORY_CONFIGS.keys())
 def test_the_memory_estimate_is_within_ten_percent_of_a_measured_step(overrides, tmp_path):
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     cfg = tiny_config(*overrides, "train.iters=1", f"logging.dir={tmp_path}", "logging.tensorboard=false",
                       "train.eval_iters=0")  # fmt: skip
