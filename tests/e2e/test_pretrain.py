@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from launcher.pretrain import main
+from megagpt.cli.train import main
 from megagpt.config import load_config
 from megagpt.data.tokenizer import EOD_ID
 from tests.conftest import REPO

@@ -1,0 +1,69 @@
+"""What a config costs on a layout, without running it: parameters (total and per rank), memory per GPU
+(weights, gradients, optimizer state, activations), FLOPs per step, the pipeline bubble, and the step time and
+days for its token budget at a given MFU. The accounting is in megagpt/estimate.py.
+
+    python tools/estimate.py --config configs/gpt3-175b.yaml --tp 8 --pp 16 --dp 8 --zero 1 \\
+        --recompute selective --sequence-parallel --gpu h100 [--mfu 0.4] [--tokens 300e9] [--json]
+
+Layout flags override the config's parallel.* and train.* keys; --dp sets the world size to tp x pp x dp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megagpt.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--tp", type=int)
+    parser.add_argument("--pp", type=int)
+    parser.add_argument("--vpp", type=int)
+    parser.add_argument("--dp", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int)
+    parser.add_argument("--global-batch", type=int)
+    parser.add_argument("--zero", type=int, choices=(0, 1))
+    parser.add_argument("--recompute", choices=("none", "selective", "full"))
+    parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--gpu", choices=("h100", "h200", "a100"), default="h100")
+    parser.add_argument("--mfu", type=float, default=0.4, help="the model FLOPs utilization to predict time at")
+    parser.add_argument("--tokens", type=float, default=None, help="token budget (default: the config's)")
+    parser.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        from megagpt.config import load_config, validate
+        from megagpt.estimate import estimate, report
+
+        overrides = list(args.overrides)
+        for flag, key in (("tp", "parallel.tp"), ("pp", "parallel.pp"), ("vpp", "parallel.vpp"),
+                          ("micro_batch", "train.micro_batch_size"), ("global_batch", "train.global_batch_size"),
+                          ("zero", "parallel.zero"), ("recompute", "parallel.recompute"),
+                          ("precision", "train.precision")):  # fmt: skip
+            value = getattr(args, flag)
+            if value is not None:
+                overrides.append(f"{key}={value}")
+        if args.sequence_parallel:
+            overrides.append("parallel.sequence_parallel=true")
+        cfg = load_config(args.config, overrides)
+        world = cfg.parallel.tp * cfg.parallel.pp * args.dp
+        validate(cfg, world)
+        if not 0 < args.mfu <= 1:
+            raise UserError(f"--mfu={args.mfu} must be in (0, 1]")
+        if args.tokens is not None and not args.tokens > 0:  # also NaN
+            raise UserError(f"--tokens={args.tokens:g} must be a positive token budget, e.g. 300e9")
+        result = estimate(cfg, world, args.gpu, args.mfu, args.tokens)
+        print(json.dumps(result, indent=1) if args.json else report(result))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
