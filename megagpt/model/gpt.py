@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from megagpt.config import ModelConfig, max_positions, padded_vocab_size
 from megagpt.kernels import LayerNorm
-from megagpt.model.attention import causal_attention, pick_backend
+from megagpt.model.attention import KVCache, cached_attention, causal_attention, pick_backend
 from megagpt.model.facts import layer_window
 from megagpt.model.loss import linear_cross_entropy
 from megagpt.parallel.comm import copy_to_group, gather_from_group, gather_from_sequence
@@ -71,16 +71,20 @@ class SelfAttention(nn.Module):
         )
         self.proj = RowParallelLinear(h, h, tp_group, bias=True, init_std=residual_init_std(cfg), sequence_parallel=sp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, h), or (b, s/tp, h) with sequence parallelism
-        y = self.attend(self.qkv(x))  # the column-parallel qkv gathers the sequence: (b, s, 3h/tp) -> (b, s, h/tp)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x: (b, s, h), or (b, s/tp, h) with sequence parallelism. With a cache (generation), x holds the positions
+        after the cached ones, and the cache is extended with their keys and values."""
+        y = self.attend(self.qkv(x), cache)  # the column-parallel qkv gathers the sequence: (b, s, 3h/tp)
         return self.proj(y)  # (b, s, h), or (b, s/tp, h) reduce-scattered
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """(b, s, 3h/tp) fused projections of this rank's heads -> (b, s, h/tp) attention output."""
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.heads, 3, self.head_dim)  # (b, s, heads/tp, 3, d)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # each (b, heads/tp, s, d)
-        if self.recompute_core and torch.is_grad_enabled():
+        if cache is not None:
+            y = cached_attention(q, k, v, cache, self.window)  # generation: no dropout, no recomputation
+        elif self.recompute_core and torch.is_grad_enabled():
             y = checkpoint(self.core, q, k, v, rng=self.rng)  # keeps q, k, v; reruns the rest in backward
         else:
             y = self.core(q, k, v)  # (b, heads/tp, s, d)
@@ -126,8 +130,9 @@ class Block(nn.Module):
         mark_sequence_parallel(self.ln_1, sp)
         mark_sequence_parallel(self.ln_2, sp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, h), or (b, s/tp, h) with sequence parallelism
-        y = self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x: (b, s, h), or (b, s/tp, h) with sequence parallelism; cache: generation's (see SelfAttention)."""
+        y = self.attn(self.ln_1(x), cache)
         with self.residual_rng():
             x = x + self.dropout(y)
         y = self.mlp(self.ln_2(x))

@@ -8,13 +8,13 @@ Tensor parallelism (Megatron's mappings), activations (b, s, h) with the sequenc
 
 Sequence parallelism replaces the all-reduces around each tensor-parallel block:
 
-    scatter_to_sequence        forward: split (seq dim)        backward: all-gather (seq dim)
     gather_from_sequence       forward: all-gather (seq dim)   backward: reduce-scatter (seq dim)
     reduce_scatter_to_sequence forward: reduce-scatter (seq)   backward: all-gather (seq dim)
 
 Column-parallel layers consume the full input on every rank, so its gradient is the sum of the ranks' partial
 gradients (copy_to_group / gather_from_sequence); row-parallel layers produce partial sums of the output
-(reduce_from_group / reduce_scatter_to_sequence).
+(reduce_from_group / reduce_scatter_to_sequence). The embedding enters the sequence shards through a
+reduce-scatter of its partial sums too, so no plain split into the sequence is needed.
 
 `comm_stats` counts the calls and bytes of each collective in this process, for benchmarks.
 """
@@ -218,7 +218,6 @@ def _sum(x, group):
 _CopyToGroup = _conjugate_pair("CopyToGroup", _identity, _sum)
 _ReduceFromGroup = _conjugate_pair("ReduceFromGroup", _sum, _identity)
 _GatherFromGroup = _conjugate_pair("GatherFromGroup", lambda x, g: all_gather(x, -1, g), lambda d, g: split(d, -1, g))
-_ScatterToSequence = _conjugate_pair("ScatterToSequence", lambda x, g: split(x, 1, g), lambda d, g: all_gather(d, 1, g))
 _GatherFromSequence = _conjugate_pair(
     "GatherFromSequence", lambda x, g: all_gather(x, 1, g), lambda d, g: reduce_scatter(d, 1, g)
 )
@@ -240,11 +239,6 @@ def reduce_from_group(x: torch.Tensor, group: Group) -> torch.Tensor:
 def gather_from_group(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Forward all-gather along the last dim, backward split."""
     return x if group.size == 1 else _GatherFromGroup.apply(x, group)
-
-
-def scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """(b, s, h) -> (b, s/tp, h). Forward split, backward all-gather."""
-    return x if group.size == 1 else _ScatterToSequence.apply(x, group)
 
 
 def gather_from_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:

@@ -40,7 +40,6 @@ from megagpt.errors import UserError
 
 FORMAT = 1
 METADATA = "metadata.json"
-KINDS = ("weight", "exp_avg", "exp_avg_sq", "main")
 
 
 class CheckpointError(UserError):
