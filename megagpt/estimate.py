@@ -47,12 +47,11 @@ from dataclasses import asdict, dataclass
 
 from megagpt.config import Config, data_parallel_size, max_positions, padded_vocab_size
 from megagpt.model.blocked_attention import key_window_rows
-from megagpt.model.facts import layer_kinds, layer_parameters, layer_window, num_parameters
+from megagpt.model.facts import compute_dtype, layer_kinds, layer_parameters, layer_window, num_parameters
 from megagpt.model.loss import ROW_BLOCK
 from megagpt.parallel.pipeline import max_alive_promised, stage_layers, virtual_stage
 from megagpt.train.schedules import total_train_samples
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Dense bf16 matmul peaks (TFLOP/s, no sparsity) of the GPUs the tool knows.
 GPU_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 
@@ -127,7 +126,7 @@ def stage_estimate(cfg: Config, world_size: int, stage: int, micro_batches: int 
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp, vpp = p.tp, p.pp, p.vpp
     dp = data_parallel_size(cfg, world_size)
-    dtype = DTYPE_BYTES[t.precision]
+    dtype = compute_dtype(t.precision).itemsize  # bytes per element
     micro = t.micro_batch_size
     m_steps = micro_batches if micro_batches is not None else t.global_batch_size // (micro * dp)
     sp = p.sequence_parallel and tp > 1

@@ -101,7 +101,7 @@ def inference_context(device: str = "auto") -> Iterator[ParallelContext]:
 @torch.no_grad()
 def mean_loss(model: GPT, dataset, micro_batch: int, max_samples: int | None = None) -> tuple[float, int]:
     """(mean next-token loss per token, tokens scored) over the dataset's samples in order."""
-    from megagpt.train.trainer import read_batch
+    from megagpt.data.batches import read_batch
 
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     total, tokens = 0.0, 0

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from megagpt.config import Config, dump_config
+from megagpt.data.batches import read_batch
 from megagpt.data.gpt_dataset import build_datasets
 from megagpt.errors import UserError
 from megagpt.kernels import cuda_kernels
@@ -30,7 +31,7 @@ from megagpt.train.metrics import MetricsWriter
 from megagpt.train.optimizer import MainParamOptimizer
 from megagpt.train.run_folders import RunFolders, hold_run_folders
 from megagpt.train.schedules import total_train_samples
-from megagpt.train.trainer import Trainer, TrainState, read_batch
+from megagpt.train.trainer import Trainer, TrainState
 
 
 def build_data(cfg: Config):

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from megagpt.config import Config
-from megagpt.errors import DataError, UserError
+from megagpt.data.batches import read_batch
+from megagpt.errors import UserError
 from megagpt.log import get_logger
 from megagpt.parallel.comm import all_gather, all_reduce
 from megagpt.parallel.context import ParallelContext
@@ -30,19 +31,6 @@ from megagpt.train.memory import MemoryReport, step_peak, tensor_bytes
 from megagpt.train.metrics import MetricsWriter
 from megagpt.train.optimizer import MainParamOptimizer
 from megagpt.train.schedules import global_batch_size, learning_rate
-
-
-def read_batch(dataset, start: int, count: int, vocab_size: int) -> torch.Tensor:
-    """Samples start .. start+count-1 stacked: (count, seq_length + 1) token ids, checked against the vocabulary."""
-    tokens = torch.stack([dataset[i] for i in range(start, start + count)])
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= vocab_size:
-        bad = high if high >= vocab_size else low
-        raise DataError(
-            f"samples {start}..{start + count - 1} hold token id {bad}, outside model.vocab_size={vocab_size}; "
-            f"the dataset was tokenized with another vocabulary, so re-tokenize it or set model.vocab_size"
-        )
-    return tokens
 
 
 @dataclass
