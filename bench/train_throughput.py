@@ -142,7 +142,9 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    from megagpt.model.facts import COMPUTE_DTYPES
+
+    dtype = COMPUTE_DTYPES[precision]
     what = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"# {what}, {precision}, torch {torch.__version__}; {args.layers} layers, hidden {args.hidden}, "

@@ -21,10 +21,15 @@ def compute_dtype(precision: str) -> torch.dtype:
     return COMPUTE_DTYPES[precision]
 
 
-def cycle_pattern(pattern: Sequence[str], num_layers: int) -> list[str]:
-    """The attention kind of each layer: the pattern cycled over the layers ([dense, local] -> dense, local, ...),
+def layer_kind(pattern: Sequence[str], layer: int) -> str:
+    """Layer `layer`'s attention kind: the pattern cycled over the layers ([dense, local] -> dense, local, ...),
     the convention of Hugging Face GPT-Neo's attention_types."""
-    return [pattern[layer % len(pattern)] for layer in range(num_layers)]
+    return pattern[layer % len(pattern)]
+
+
+def cycle_pattern(pattern: Sequence[str], num_layers: int) -> list[str]:
+    """The attention kind of each of num_layers layers."""
+    return [layer_kind(pattern, layer) for layer in range(num_layers)]
 
 
 def layer_kinds(model: ModelConfig) -> list[str]:
@@ -34,8 +39,7 @@ def layer_kinds(model: ModelConfig) -> list[str]:
 
 def layer_window(model: ModelConfig, layer: int) -> int | None:
     """None for a dense layer, the band width (model.local_window) for a local one."""
-    kind = model.attention_pattern[layer % len(model.attention_pattern)]
-    return model.local_window if kind == "local" else None
+    return model.local_window if layer_kind(model.attention_pattern, layer) == "local" else None
 
 
 def layer_parameters(model: ModelConfig, tp: int = 1) -> int:
