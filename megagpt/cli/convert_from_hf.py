@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megagpt.errors import UserError
+from megagpt.cli import reports_user_errors
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf", required=True, help="a transformers model folder (config.json + weights)")
@@ -23,17 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, default in (("tp", 1), ("pp", 1), ("vpp", 1), ("dp", 1), ("zero", 0)):
         parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args(argv)
-    try:
-        from megagpt.hf import hf_folder_to_checkpoint
-        from megagpt.log import setup_logging
-        from megagpt.train.reshard import check_layout_args
+    from megagpt.hf import hf_folder_to_checkpoint
+    from megagpt.log import setup_logging
+    from megagpt.train.reshard import check_layout_args
 
-        setup_logging()
-        check_layout_args(args.tp, args.pp, args.vpp, args.dp, args.zero)
-        folder = hf_folder_to_checkpoint(args.hf, args.out, args.tp, args.pp, args.vpp, args.dp, args.zero)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    setup_logging()
+    check_layout_args(args.tp, args.pp, args.vpp, args.dp, args.zero)
+    folder = hf_folder_to_checkpoint(args.hf, args.out, args.tp, args.pp, args.vpp, args.dp, args.zero)
     print(f"wrote {folder}")
     return 0
 

@@ -13,25 +13,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megagpt.errors import UserError
+from megagpt.cli import reports_user_errors
 
 DTYPES = ("fp32", "bf16", "fp16")
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="a checkpoint folder (step_N) or a checkpoint.dir")
     parser.add_argument("--out", required=True, help="the transformers model folder to write")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the saved weights")
     args = parser.parse_args(argv)
-    try:
-        from megagpt.hf import checkpoint_to_hf_folder
-        from megagpt.model.facts import COMPUTE_DTYPES
+    from megagpt.hf import checkpoint_to_hf_folder
+    from megagpt.model.facts import COMPUTE_DTYPES
 
-        out = checkpoint_to_hf_folder(args.load, args.out, COMPUTE_DTYPES[args.dtype])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = checkpoint_to_hf_folder(args.load, args.out, COMPUTE_DTYPES[args.dtype])
     print(f"wrote {out}")
     return 0
 

@@ -14,9 +14,11 @@ import argparse
 import json
 import sys
 
+from megagpt.cli import reports_user_errors
 from megagpt.errors import UserError
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -36,32 +38,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
-    try:
-        from megagpt.config import load_config, validate
-        from megagpt.estimate import estimate, report
+    from megagpt.config import load_config, validate
+    from megagpt.estimate import estimate, report
 
-        overrides = list(args.overrides)
-        for flag, key in (("tp", "parallel.tp"), ("pp", "parallel.pp"), ("vpp", "parallel.vpp"),
-                          ("micro_batch", "train.micro_batch_size"), ("global_batch", "train.global_batch_size"),
-                          ("zero", "parallel.zero"), ("recompute", "parallel.recompute"),
-                          ("precision", "train.precision")):  # fmt: skip
-            value = getattr(args, flag)
-            if value is not None:
-                overrides.append(f"{key}={value}")
-        if args.sequence_parallel:
-            overrides.append("parallel.sequence_parallel=true")
-        cfg = load_config(args.config, overrides)
-        world = cfg.parallel.tp * cfg.parallel.pp * args.dp
-        validate(cfg, world)
-        if not 0 < args.mfu <= 1:
-            raise UserError(f"--mfu={args.mfu} must be in (0, 1]")
-        if args.tokens is not None and not args.tokens > 0:  # also NaN
-            raise UserError(f"--tokens={args.tokens:g} must be a positive token budget, e.g. 300e9")
-        result = estimate(cfg, world, args.gpu, args.mfu, args.tokens)
-        print(json.dumps(result, indent=1) if args.json else report(result))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    overrides = list(args.overrides)
+    for flag, key in (("tp", "parallel.tp"), ("pp", "parallel.pp"), ("vpp", "parallel.vpp"),
+                      ("micro_batch", "train.micro_batch_size"), ("global_batch", "train.global_batch_size"),
+                      ("zero", "parallel.zero"), ("recompute", "parallel.recompute"),
+                      ("precision", "train.precision")):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.sequence_parallel:
+        overrides.append("parallel.sequence_parallel=true")
+    cfg = load_config(args.config, overrides)
+    world = cfg.parallel.tp * cfg.parallel.pp * args.dp
+    validate(cfg, world)
+    if not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu={args.mfu} must be in (0, 1]")
+    if args.tokens is not None and not args.tokens > 0:  # also NaN
+        raise UserError(f"--tokens={args.tokens:g} must be a positive token budget, e.g. 300e9")
+    result = estimate(cfg, world, args.gpu, args.mfu, args.tokens)
+    print(json.dumps(result, indent=1) if args.json else report(result))
     return 0
 
 

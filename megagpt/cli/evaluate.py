@@ -15,11 +15,13 @@ import json
 import math
 import sys
 
+from megagpt.cli import reports_user_errors
 from megagpt.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="a checkpoint folder (step_N) or a checkpoint.dir")
@@ -30,36 +32,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int, default=None, help="score at most this many windows")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
-    try:
-        import numpy as np
+    import numpy as np
 
-        from megagpt.data.gpt_dataset import GPTDataset, split_documents
-        from megagpt.data.indexed_dataset import IndexedDataset
-        from megagpt.inference import inference_context, load_for_inference, mean_loss
+    from megagpt.data.gpt_dataset import GPTDataset, split_documents
+    from megagpt.data.indexed_dataset import IndexedDataset
+    from megagpt.inference import inference_context, load_for_inference, mean_loss
 
-        if args.micro_batch < 1 or (args.max_samples is not None and args.max_samples < 1):
-            raise UserError("--micro-batch and --max-samples must be at least 1")
-        with inference_context(args.device) as ctx:
-            model, cfg = load_for_inference(args.load, ctx)
-            indexed = IndexedDataset(args.data)
-            documents = split_documents(indexed.num_documents, args.split_weights)[SPLITS.index(args.split)]
-            offsets = indexed.document_token_offsets()
-            split_tokens = int(np.int64(offsets[documents[1]]) - np.int64(offsets[documents[0]]))
-            samples = (split_tokens - 1) // cfg.model.seq_length  # one pass over the split
-            if samples < 1:
-                raise UserError(
-                    f"the {args.split} split of {args.data} holds {split_tokens} tokens, fewer than one window of "
-                    f"{cfg.model.seq_length + 1}; choose another --split or --split-weights"
-                )
-            dataset = GPTDataset(indexed, documents, samples, cfg.model.seq_length, cfg.train.seed, name=args.split)
-            loss, tokens = mean_loss(model, dataset, args.micro_batch, args.max_samples)
-            if ctx.rank == 0:
-                result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
-                          "samples": math.ceil(tokens / cfg.model.seq_length), "split": args.split}  # fmt: skip
-                print(json.dumps(result))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.micro_batch < 1 or (args.max_samples is not None and args.max_samples < 1):
+        raise UserError("--micro-batch and --max-samples must be at least 1")
+    with inference_context(args.device) as ctx:
+        model, cfg = load_for_inference(args.load, ctx)
+        indexed = IndexedDataset(args.data)
+        documents = split_documents(indexed.num_documents, args.split_weights)[SPLITS.index(args.split)]
+        offsets = indexed.document_token_offsets()
+        split_tokens = int(np.int64(offsets[documents[1]]) - np.int64(offsets[documents[0]]))
+        samples = (split_tokens - 1) // cfg.model.seq_length  # one pass over the split
+        if samples < 1:
+            raise UserError(
+                f"the {args.split} split of {args.data} holds {split_tokens} tokens, fewer than one window of "
+                f"{cfg.model.seq_length + 1}; choose another --split or --split-weights"
+            )
+        dataset = GPTDataset(indexed, documents, samples, cfg.model.seq_length, cfg.train.seed, name=args.split)
+        loss, tokens = mean_loss(model, dataset, args.micro_batch, args.max_samples)
+        if ctx.rank == 0:
+            result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
+                      "samples": math.ceil(tokens / cfg.model.seq_length), "split": args.split}  # fmt: skip
+            print(json.dumps(result))
     return 0
 
 

@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 
+from megagpt.cli import reports_user_errors
 from megagpt.errors import UserError
 
 EOT = 50256
@@ -61,34 +62,31 @@ def prompt_ids(args, vocab_size: int) -> list[int]:
     return ids
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        import torch
+    import torch
 
-        from megagpt.inference import inference_context, load_for_inference
-        from megagpt.model.generation import generate
+    from megagpt.inference import inference_context, load_for_inference
+    from megagpt.model.generation import generate
 
-        if args.max_new_tokens < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-            raise UserError("--max-new-tokens and --top-k must be >= 0 and --top-p in (0, 1]")
-        with inference_context(args.device) as ctx:
-            model, cfg = load_for_inference(args.load, ctx, args.precision)
-            prompt = torch.tensor([prompt_ids(args, cfg.model.vocab_size)], device=ctx.device)
-            eos = None if args.ignore_eos or cfg.model.vocab_size != 50257 else EOT  # GPT-2's vocabulary only
-            ids = generate(
-                model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,
-            )[0].tolist()  # fmt: skip
-            if ctx.rank == 0:
-                if args.output_ids or cfg.model.vocab_size != 50257:
-                    print(json.dumps(ids))
-                else:
-                    from megagpt.data.tokenizer import get_tokenizer
+    if args.max_new_tokens < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UserError("--max-new-tokens and --top-k must be >= 0 and --top-p in (0, 1]")
+    with inference_context(args.device) as ctx:
+        model, cfg = load_for_inference(args.load, ctx, args.precision)
+        prompt = torch.tensor([prompt_ids(args, cfg.model.vocab_size)], device=ctx.device)
+        eos = None if args.ignore_eos or cfg.model.vocab_size != 50257 else EOT  # GPT-2's vocabulary only
+        ids = generate(
+            model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,
+        )[0].tolist()  # fmt: skip
+        if ctx.rank == 0:
+            if args.output_ids or cfg.model.vocab_size != 50257:
+                print(json.dumps(ids))
+            else:
+                from megagpt.data.tokenizer import get_tokenizer
 
-                    print(get_tokenizer().decode(ids))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+                print(get_tokenizer().decode(ids))
     return 0
 
 

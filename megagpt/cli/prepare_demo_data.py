@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megagpt.cli import reports_user_errors
 from megagpt.data.demo_corpus import prepare_demo_corpus
-from megagpt.errors import UserError
 from megagpt.log import setup_logging
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", required=True, metavar="DIR", help="where shakespeare.bin/.idx go")
@@ -24,11 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        corpus = prepare_demo_corpus(args.out_dir, workers=max(1, args.workers), progress=not args.no_progress)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    corpus = prepare_demo_corpus(args.out_dir, workers=max(1, args.workers), progress=not args.no_progress)
     print(f"dataset:         {corpus.prefix} (.bin/.idx)")
     print(f"documents:       {corpus.documents}")
     print(f"tokens:          {corpus.tokens}")

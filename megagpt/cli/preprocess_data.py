@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megagpt.cli import reports_user_errors
 from megagpt.data.preprocess import preprocess
-from megagpt.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,23 +36,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.workers < 1:
         print("error: --workers must be at least 1.", file=sys.stderr)
         return 2
-    try:
-        summary = preprocess(
-            args.input,
-            args.output_prefix,
-            workers=args.workers,
-            json_key=args.json_key,
-            append_eod=args.append_eod,
-            progress=not args.no_progress,
-        )
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = preprocess(
+        args.input,
+        args.output_prefix,
+        workers=args.workers,
+        json_key=args.json_key,
+        append_eod=args.append_eod,
+        progress=not args.no_progress,
+    )
     print(f"documents: {summary.documents}")
     print(f"tokens:    {summary.tokens}")
     print(f"seconds:   {summary.seconds:.2f}")

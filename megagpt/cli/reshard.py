@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megagpt.errors import UserError
+from megagpt.cli import reports_user_errors
 from megagpt.log import setup_logging
 
 
@@ -30,22 +30,19 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    try:
-        from megagpt.train.checkpoint import latest_checkpoint
-        from megagpt.train.checkpoint_format import METADATA
-        from megagpt.train.reshard import check_layout_args, reshard_checkpoint
+    from megagpt.train.checkpoint import latest_checkpoint
+    from megagpt.train.checkpoint_format import METADATA
+    from megagpt.train.reshard import check_layout_args, reshard_checkpoint
 
-        check_layout_args(args.tp, args.pp, args.vpp, args.dp, args.zero)
-        source = Path(args.load)
-        if not (source / METADATA).exists() and source.is_dir():
-            source = latest_checkpoint(source, required=True)
-        reshard_checkpoint(source, args.out, args.tp, args.pp, args.vpp, args.dp, args.zero)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_layout_args(args.tp, args.pp, args.vpp, args.dp, args.zero)
+    source = Path(args.load)
+    if not (source / METADATA).exists() and source.is_dir():
+        source = latest_checkpoint(source, required=True)
+    reshard_checkpoint(source, args.out, args.tp, args.pp, args.vpp, args.dp, args.zero)
     return 0
 
 
