@@ -19,7 +19,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from megagpt.model.facts import COMPUTE_DTYPES
 
 
 def cuda_time(fn, reps: int) -> float:
@@ -100,7 +100,7 @@ def layer_norm_rows(args, dtype):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default="bf16")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the results here (tools/gpu_check.py reads it)")
@@ -108,7 +108,7 @@ def main():
     if not torch.cuda.is_available():
         print("bench/fused_kernels.py measures CUDA kernels and needs a CUDA device; none is visible.")
         return
-    dtype = DTYPES[args.dtype]
+    dtype = COMPUTE_DTYPES[args.dtype]
     copy = copy_bandwidth(args.reps)
     print(f"# {torch.cuda.get_device_name()}, {args.dtype}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     print(f"# device copy bandwidth: {copy:.0f} GB/s")

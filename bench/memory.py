@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+# The multi-process harness is a test helper (tests/local_world.py): import it from the checkout's root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MIB = 2**20
 
@@ -26,7 +31,7 @@ def _state_bytes_worker(rank: int, world_size: int, zero: int):
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     torch.set_num_threads(1)
     cfg = config_from_dict(
@@ -42,7 +47,7 @@ def _state_bytes_worker(rank: int, world_size: int, zero: int):
 
 
 def zero_table() -> None:
-    from megagpt.parallel.local_world import run_world
+    from tests.local_world import run_world
 
     print("optimizer state per rank, GPT-3 125M shape, bf16 model (fp32 main weights + Adam moments)")
     print("| dp | zero | parameters | optimizer state per rank (MiB) | 12 B x params / dp (MiB) | vs zero=0 |")
@@ -68,7 +73,7 @@ def recompute_table(steps: int, dropout: float) -> None:
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
     from megagpt.train.memory import step_peak
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     overrides = [
         "model.num_layers=4", "model.hidden_size=256", "model.num_heads=8", "model.seq_length=512",

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+# The multi-process harness is a test helper (tests/local_world.py): import it from the checkout's root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def bubble_config(pp: int, vpp: int, m: int, steps: int, hidden: int, seq: int):
@@ -44,7 +49,7 @@ def _stage_worker(rank: int, world_size: int, vpp: int, m: int, steps: int, hidd
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     cfg = bubble_config(world_size, vpp, m, steps, hidden, seq)
     ctx = ParallelContext.initialize(Topology(1, 1, world_size), rank, torch.device("cpu"))
@@ -68,7 +73,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
-    from megagpt.parallel.local_world import run_world
+    from tests.local_world import run_world
 
     print(
         f"GPT 8 layers, hidden {args.hidden}, seq {args.seq}, vocab 1024, micro-batch 1, fp32; "

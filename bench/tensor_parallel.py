@@ -13,9 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+# The multi-process harness is a test helper (tests/local_world.py): import it from the checkout's root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def bench_config(args, tp: int, sp: bool):
@@ -43,7 +48,7 @@ def bench_config(args, tp: int, sp: bool):
 def measure(cfg, ctx, steps: int) -> dict:
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.comm import comm_stats, reset_comm_stats
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     data = SyntheticDataset(cfg.train.global_batch_size * (steps + 1), cfg.model.seq_length, cfg.model.vocab_size, 0)
     trainer = build_trainer(cfg, ctx, data, None, None)
@@ -70,7 +75,7 @@ def _tp_worker(rank: int, world_size: int, args, sp: bool) -> dict:
 
 
 def run_tp2(args, sp: bool) -> dict:
-    from megagpt.parallel.local_world import run_world
+    from tests.local_world import run_world
 
     return run_world(2, _tp_worker, args, sp, timeout=1200)[0]
 

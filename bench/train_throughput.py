@@ -60,7 +60,7 @@ def megagpt_config(args, device, dtype_name):
 def megagpt_step(args, device, cfg):
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     data = SyntheticDataset(args.batch * (args.steps + 2) * 2, args.seq, VOCAB, seed=1)
     trainer = build_trainer(cfg, ParallelContext.single_process(device), data, None, None)
@@ -142,7 +142,9 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    from megagpt.model.facts import COMPUTE_DTYPES
+
+    dtype = COMPUTE_DTYPES[precision]
     what = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"# {what}, {precision}, torch {torch.__version__}; {args.layers} layers, hidden {args.hidden}, "

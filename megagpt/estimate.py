@@ -19,8 +19,8 @@ Memory per GPU, on the fullest rank (the first pipeline stage, or the last where
                    2 (pp - 1) + (vpp - 1) pp + 1 chunks); full recomputation adds one layer's activations, rerun
                    in backward one layer at a time.
     output layer   the last stage's loss pass: its input and the input gradient (2 s b h), the fp32 gradient of the
-                   embedding it computes in the forward (V h / t x 4), and one chunk of fp32 logits (1024 rows x V / t)
-                   or, in backward, the gradient's copy in the weight's dtype, whichever is larger.
+                   embedding it computes in the forward (V h / t x 4), and one row block of fp32 logits
+                   (1024 rows x V / t) or, in backward, the gradient's copy in the weight's dtype, whichever is larger.
 
 FLOPs per step: 72 B s l h^2 (1 + s_eff / (6 h) + V / (12 l h)) (Narayanan et al. 2021: 24 B s h^2 + 4 B s^2 h
 per layer forward, x3 with backward), where s_eff is the mean over layers of the keys each query is counted
@@ -42,14 +42,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from megagpt.config import Config, data_parallel_size, max_positions, padded_vocab_size
-from megagpt.model.blocked_attention import default_block_size
+from megagpt.model.blocked_attention import default_block_size, key_window_rows
+from megagpt.model.facts import compute_dtype, layer_kinds, layer_parameters, layer_window, num_parameters
+from megagpt.model.loss import ROW_BLOCK
 from megagpt.parallel.pipeline import max_alive_promised, stage_layers, virtual_stage
 from megagpt.train.schedules import total_train_samples
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Dense bf16 matmul peaks (TFLOP/s, no sparsity) of the GPUs the tool knows.
 GPU_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
-LOSS_CHUNK_ROWS = 1024  # model/loss.py
 
 
 @dataclass
@@ -68,23 +68,13 @@ class StageEstimate:
         return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
 
 
-def layer_params(cfg: Config, tp: int) -> int:
-    """One transformer layer's parameters on one tp rank."""
-    h = cfg.model.hidden_size
-    qkv = 3 * h * h // tp + (3 * h // tp if cfg.model.qkv_bias else 0)
-    proj = h * h // tp + h
-    fc = 4 * h * h // tp + 4 * h // tp
-    fc2 = 4 * h * h // tp + h
-    return qkv + proj + fc + fc2 + 4 * h  # + two LayerNorms
-
-
 def stage_params(cfg: Config, tp: int, pp: int, vpp: int, stage: int) -> int:
     """Parameters of one rank of pipeline stage `stage` (all its model chunks)."""
     m, h = cfg.model, cfg.model.hidden_size
     total = 0
     for chunk in range(vpp):
         virtual = virtual_stage(pp, stage, chunk)
-        total += len(stage_layers(m.num_layers, pp, vpp, stage, chunk)) * layer_params(cfg, tp)
+        total += len(stage_layers(m.num_layers, pp, vpp, stage, chunk)) * layer_parameters(m, tp)
         first, last = virtual == 0, virtual == pp * vpp - 1
         if first or last:
             total += padded_vocab_size(m, tp) // tp * h  # the token embedding, or the last stage's tied copy
@@ -97,8 +87,7 @@ def stage_params(cfg: Config, tp: int, pp: int, vpp: int, stage: int) -> int:
 
 def model_params(cfg: Config, tp: int = 1) -> int:
     """The whole model's parameters with the vocabulary padded for tp (the tied embedding once)."""
-    m, h = cfg.model, cfg.model.hidden_size
-    return padded_vocab_size(m, tp) * h + max_positions(m) * h + m.num_layers * layer_params(cfg, 1) + 2 * h
+    return num_parameters(cfg.model, padded_vocab_size(cfg.model, tp))
 
 
 def layer_activation_elements(
@@ -147,8 +136,8 @@ def layer_activation_elements(
     local = window is not None and window < s
     if local and (cpu or dropout):  # the blocked kernel (on a GPU Flex serves local layers without dropout)
         block = default_block_size(window)
-        keys = -(-(window - 1) // block) * block + block  # W: the window rounded up to blocks, plus one block
-        padded = -(-s // block) * block  # S
+        keys = key_window_rows(window, block)  # W: the window rounded up to blocks, plus one block
+        padded = -(-s // block) * block  # S: the sequence padded to whole blocks
         elements += sbh / tp + a * padded * keys * b / tp
         masks += a * padded * keys * b / tp if dropout else 0.0
     elif not local and cpu and dropout:  # sdpa's math path keeps the (b, a, s, s) tensors
@@ -159,14 +148,14 @@ def layer_activation_elements(
 def layer_activation_bytes(cfg: Config, tp: int, sp: bool, window: int | None, micro_batch: int) -> float:
     """Bytes one layer keeps for backward per micro-batch (layer_activation_elements in the compute dtype)."""
     elements, masks = layer_activation_elements(cfg, tp, sp, window, micro_batch)
-    return elements * DTYPE_BYTES[cfg.train.precision] + masks
+    return elements * compute_dtype(cfg.train.precision).itemsize + masks
 
 
 def stage_estimate(cfg: Config, world_size: int, stage: int, micro_batches: int | None = None) -> StageEstimate:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp, vpp = p.tp, p.pp, p.vpp
     dp = data_parallel_size(cfg, world_size)
-    dtype = DTYPE_BYTES[t.precision]
+    dtype = compute_dtype(t.precision).itemsize  # bytes per element
     micro = t.micro_batch_size
     m_steps = micro_batches if micro_batches is not None else t.global_batch_size // (micro * dp)
     sp = p.sequence_parallel and tp > 1
@@ -174,12 +163,10 @@ def stage_estimate(cfg: Config, world_size: int, stage: int, micro_batches: int 
     optimizer_per_param = 8 + (4 if t.precision != "fp32" else 0)
     optimizer = params * optimizer_per_param / (dp if p.zero == 1 else 1)
 
-    layers_held = 0.0
     per_layer = {}
     for chunk in range(vpp):
         for layer in stage_layers(m.num_layers, pp, vpp, stage, chunk):
-            kind = m.attention_pattern[layer % len(m.attention_pattern)]
-            window = m.local_window if kind == "local" else None
+            window = layer_window(m, layer)
             per_layer[layer] = layer_activation_elements(cfg, tp, sp, window, micro)
     held = max_alive_promised(pp, vpp, stage, m_steps)  # (chunk, micro-batch) activations alive at once
     chunks = vpp
@@ -200,17 +187,17 @@ def stage_estimate(cfg: Config, world_size: int, stage: int, micro_batches: int 
         vocab = padded_vocab_size(m, tp) // tp
         elements += 2 * sbh  # the final LayerNorm's output (the loss input) and its gradient
         # The loss pass (model/loss.py) holds the fp32 embedding gradient it computes in the forward, and one
-        # chunk of fp32 logits; in backward the gradient is scaled into a copy of the weight's dtype instead.
-        rows = min(LOSS_CHUNK_ROWS, s * micro)
-        chunk_logits = rows * vocab * 4
-        if dtype < 4:  # bf16 / fp16: the chunk's softmax cast for the matmuls, and the (V, h) product before adding
-            chunk_logits += rows * vocab * dtype + vocab * h * dtype
-        mask_bytes += vocab * h * 4 + max(chunk_logits, vocab * h * dtype)
+        # row block of fp32 logits; in backward the gradient is scaled into a copy of the weight's dtype instead.
+        rows = min(ROW_BLOCK, s * micro)
+        block_logits = rows * vocab * 4
+        if dtype < 4:  # bf16 / fp16: the block's softmax cast for the matmuls, and the (V, h) product before adding
+            block_logits += rows * vocab * dtype + vocab * h * dtype
+        mask_bytes += vocab * h * 4 + max(block_logits, vocab * h * dtype)
     # Backward's own temporaries for one layer at a time: the attention probabilities' gradients where the math
     # path keeps probabilities (CPU with attention dropout, without recomputation); the recomputed attention
     # core of one layer under selective recomputation.
     math_path = m.dropout > 0 and t.device == "cpu"  # planning (device auto) assumes GPUs
-    dense_layers = any(m.attention_pattern[i % len(m.attention_pattern)] == "dense" for i in range(m.num_layers))
+    dense_layers = "dense" in layer_kinds(m)
     if math_path and dense_layers and p.recompute != "full":
         a = m.num_heads
         elements += 3 * a * s * s * micro / tp
@@ -236,11 +223,7 @@ def _with_recompute(cfg: Config, recompute: str) -> Config:
 def attention_keys(cfg: Config) -> list[int]:
     """Per layer, the keys each query is counted against: s for a dense layer, the window for a local one."""
     m = cfg.model
-    pattern = m.attention_pattern
-    return [
-        min(m.local_window, m.seq_length) if pattern[i % len(pattern)] == "local" else m.seq_length
-        for i in range(m.num_layers)
-    ]
+    return [min(m.local_window, m.seq_length) if kind == "local" else m.seq_length for kind in layer_kinds(m)]
 
 
 def model_flops_per_step(cfg: Config) -> float:

@@ -34,6 +34,7 @@ import torch
 
 from megagpt.config import padded_vocab_size
 from megagpt.errors import UserError
+from megagpt.model.facts import cycle_pattern
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # the tanh-approximated GELU megagpt's MLP uses
 SUPPORTED = ("gpt2", "gpt_neo")
@@ -70,20 +71,14 @@ def max_position_count(model_cfg: dict) -> int:
 
 
 def layer_kinds(model_cfg: dict) -> list[str]:
-    pattern = model_cfg["attention_pattern"]
-    return [pattern[layer % len(pattern)] for layer in range(model_cfg["num_layers"])]
+    return cycle_pattern(model_cfg["attention_pattern"], model_cfg["num_layers"])
 
 
 def to_hf(tensors: dict[str, torch.Tensor], model_cfg: dict) -> tuple[object, dict[str, torch.Tensor]]:
     """(transformers config, state dict) for megagpt's full tensors {name: tensor} and its model config."""
-    import transformers
-
-    vocab, heads, h = model_cfg["vocab_size"], model_cfg["num_heads"], model_cfg["hidden_size"]
     local = has_local_layers(model_cfg)
-    eos = GPT2_EOT if vocab == GPT2_VOCAB else None  # GPT-2's end-of-text, only with its vocabulary
-    common = dict(vocab_size=vocab, bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True)
     state = {
-        "transformer.wte.weight": tensors["wte.weight"][:vocab],
+        "transformer.wte.weight": tensors["wte.weight"][: model_cfg["vocab_size"]],
         "transformer.wpe.weight": tensors["wpe.weight"],
         "transformer.ln_f.weight": tensors["ln_f.weight"],
         "transformer.ln_f.bias": tensors["ln_f.bias"],
@@ -92,64 +87,99 @@ def to_hf(tensors: dict[str, torch.Tensor], model_cfg: dict) -> tuple[object, di
         ours, theirs = f"blocks.{layer}.", f"transformer.h.{layer}."
         for name in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"):
             state[theirs + name] = tensors[ours + name]
-        qkv_w = tensors[ours + "attn.qkv.weight"]
-        qkv_b = tensors.get(ours + "attn.qkv.bias")
-        proj_w, proj_b = tensors[ours + "attn.proj.weight"], tensors[ours + "attn.proj.bias"]
-        fc_w, fc_b = tensors[ours + "mlp.fc.weight"], tensors[ours + "mlp.fc.bias"]
-        out_w, out_b = tensors[ours + "mlp.proj.weight"], tensors[ours + "mlp.proj.bias"]
-        if not local:  # GPT-2: Conv1D weights are (in, out)
-            q, k, v = per_head_to_blocks(qkv_w, heads)
-            state[theirs + "attn.c_attn.weight"] = torch.cat([q, k, v]).t()
-            if qkv_b is not None:
-                state[theirs + "attn.c_attn.bias"] = torch.cat(per_head_to_blocks(qkv_b, heads))
-            else:
-                state[theirs + "attn.c_attn.bias"] = qkv_w.new_zeros(3 * h)
-            state[theirs + "attn.c_proj.weight"] = proj_w.t()
-            state[theirs + "attn.c_proj.bias"] = proj_b
-            state[theirs + "mlp.c_fc.weight"], state[theirs + "mlp.c_fc.bias"] = fc_w.t(), fc_b
-            state[theirs + "mlp.c_proj.weight"], state[theirs + "mlp.c_proj.bias"] = out_w.t(), out_b
-            continue
-        q, k, v = per_head_to_blocks(qkv_w, heads)
-        scale = 1.0 / math.sqrt(h // heads)  # GPT-Neo does not scale the scores: fold the factor into q
-        attention = theirs + "attn.attention."
-        state[attention + "q_proj.weight"] = q * scale
-        state[attention + "k_proj.weight"] = k
-        state[attention + "v_proj.weight"] = v
-        bias = proj_b
-        if qkv_b is not None:
-            q_bias, _, v_bias = per_head_to_blocks(qkv_b, heads)  # the key bias drops out of the softmax
-            if torch.count_nonzero(q_bias):
-                raise ConversionError(
-                    f"layer {layer} has a non-zero query bias, which GPT-Neo (the Hugging Face model for local "
-                    f"attention layers) cannot represent; train such models with model.qkv_bias=false"
-                )
-            bias = proj_b + proj_w.float().mv(v_bias.float()).to(proj_b.dtype)  # W_o (o + b_v) + b_o
-        state[attention + "out_proj.weight"], state[attention + "out_proj.bias"] = proj_w, bias
-        state[theirs + "mlp.c_fc.weight"], state[theirs + "mlp.c_fc.bias"] = fc_w, fc_b
-        state[theirs + "mlp.c_proj.weight"], state[theirs + "mlp.c_proj.bias"] = out_w, out_b
+        layer_tensors = {name[len(ours) :]: t for name, t in tensors.items() if name.startswith(ours)}
+        to_layer = _gpt_neo_layer if local else _gpt2_layer
+        state.update({theirs + name: t for name, t in to_layer(layer_tensors, model_cfg, layer).items()})
+    config = _gpt_neo_config(model_cfg) if local else _gpt2_config(model_cfg)
+    return config, {name: t.contiguous() for name, t in state.items()}
+
+
+def _gpt2_layer(ours: dict[str, torch.Tensor], model_cfg: dict, layer: int) -> dict[str, torch.Tensor]:
+    """One layer's attention and MLP tensors in GPT-2's names; Conv1D weights are (in, out)."""
+    heads = model_cfg["num_heads"]
+    qkv_w, qkv_b = ours["attn.qkv.weight"], ours.get("attn.qkv.bias")
+    q, k, v = per_head_to_blocks(qkv_w, heads)
+    if qkv_b is not None:
+        c_attn_bias = torch.cat(per_head_to_blocks(qkv_b, heads))
+    else:
+        c_attn_bias = qkv_w.new_zeros(3 * model_cfg["hidden_size"])
+    return {
+        "attn.c_attn.weight": torch.cat([q, k, v]).t(),
+        "attn.c_attn.bias": c_attn_bias,
+        "attn.c_proj.weight": ours["attn.proj.weight"].t(),
+        "attn.c_proj.bias": ours["attn.proj.bias"],
+        "mlp.c_fc.weight": ours["mlp.fc.weight"].t(),
+        "mlp.c_fc.bias": ours["mlp.fc.bias"],
+        "mlp.c_proj.weight": ours["mlp.proj.weight"].t(),
+        "mlp.c_proj.bias": ours["mlp.proj.bias"],
+    }
+
+
+def _gpt_neo_layer(ours: dict[str, torch.Tensor], model_cfg: dict, layer: int) -> dict[str, torch.Tensor]:
+    """One layer's attention and MLP tensors in GPT-Neo's names: separate q/k/v, the score scale folded into q, a
+    value bias folded into out_proj's bias, a query bias refused."""
+    heads, h = model_cfg["num_heads"], model_cfg["hidden_size"]
+    qkv_b = ours.get("attn.qkv.bias")
+    proj_w, proj_b = ours["attn.proj.weight"], ours["attn.proj.bias"]
+    q, k, v = per_head_to_blocks(ours["attn.qkv.weight"], heads)
+    scale = 1.0 / math.sqrt(h // heads)  # GPT-Neo does not scale the scores: fold the factor into q
+    bias = proj_b
+    if qkv_b is not None:
+        q_bias, _, v_bias = per_head_to_blocks(qkv_b, heads)  # the key bias drops out of the softmax
+        if torch.count_nonzero(q_bias):
+            raise ConversionError(
+                f"layer {layer} has a non-zero query bias, which GPT-Neo (the Hugging Face model for local "
+                f"attention layers) cannot represent; train such models with model.qkv_bias=false"
+            )
+        bias = proj_b + proj_w.float().mv(v_bias.float()).to(proj_b.dtype)  # W_o (o + b_v) + b_o
+    return {
+        "attn.attention.q_proj.weight": q * scale,
+        "attn.attention.k_proj.weight": k,
+        "attn.attention.v_proj.weight": v,
+        "attn.attention.out_proj.weight": proj_w,
+        "attn.attention.out_proj.bias": bias,
+        "mlp.c_fc.weight": ours["mlp.fc.weight"],
+        "mlp.c_fc.bias": ours["mlp.fc.bias"],
+        "mlp.c_proj.weight": ours["mlp.proj.weight"],
+        "mlp.c_proj.bias": ours["mlp.proj.bias"],
+    }
+
+
+def _common_hf_config(model_cfg: dict) -> dict:
+    vocab = model_cfg["vocab_size"]
+    eos = GPT2_EOT if vocab == GPT2_VOCAB else None  # GPT-2's end-of-text, only with its vocabulary
+    return dict(vocab_size=vocab, bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True)
+
+
+def _gpt2_config(model_cfg: dict):
+    import transformers
 
     dropout = model_cfg["dropout"]
-    if not local:
-        config = transformers.GPT2Config(
-            n_embd=h, n_layer=model_cfg["num_layers"], n_head=heads, n_positions=max_position_count(model_cfg),
-            n_inner=None, activation_function="gelu_new", layer_norm_epsilon=model_cfg["layernorm_epsilon"],
-            resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, **common,
-        )  # fmt: skip
+    return transformers.GPT2Config(
+        n_embd=model_cfg["hidden_size"], n_layer=model_cfg["num_layers"], n_head=model_cfg["num_heads"],
+        n_positions=max_position_count(model_cfg), n_inner=None, activation_function="gelu_new",
+        layer_norm_epsilon=model_cfg["layernorm_epsilon"], resid_pdrop=dropout, embd_pdrop=dropout,
+        attn_pdrop=dropout, **_common_hf_config(model_cfg),
+    )  # fmt: skip
+
+
+def _gpt_neo_config(model_cfg: dict):
+    import transformers
+
+    dropout = model_cfg["dropout"]
+    kinds = ["local" if kind == "local" else "global" for kind in layer_kinds(model_cfg)]
+    pattern = ["local" if kind == "local" else "global" for kind in model_cfg["attention_pattern"]]
+    if model_cfg["num_layers"] % len(pattern) == 0:
+        attention_types = [[pattern, model_cfg["num_layers"] // len(pattern)]]
     else:
-        kinds = ["local" if kind == "local" else "global" for kind in layer_kinds(model_cfg)]
-        pattern = ["local" if kind == "local" else "global" for kind in model_cfg["attention_pattern"]]
-        if model_cfg["num_layers"] % len(pattern) == 0:
-            attention_types = [[pattern, model_cfg["num_layers"] // len(pattern)]]
-        else:
-            attention_types = [[kinds, 1]]
-        config = transformers.GPTNeoConfig(
-            hidden_size=h, num_layers=model_cfg["num_layers"], num_heads=heads, attention_types=attention_types,
-            window_size=model_cfg["local_window"], max_position_embeddings=max_position_count(model_cfg),
-            intermediate_size=None, activation_function="gelu_new",
-            layer_norm_epsilon=model_cfg["layernorm_epsilon"], embed_dropout=dropout, attention_dropout=dropout,
-            resid_dropout=dropout, **common,
-        )  # fmt: skip
-    return config, {name: t.contiguous() for name, t in state.items()}
+        attention_types = [[kinds, 1]]
+    return transformers.GPTNeoConfig(
+        hidden_size=model_cfg["hidden_size"], num_layers=model_cfg["num_layers"], num_heads=model_cfg["num_heads"],
+        attention_types=attention_types, window_size=model_cfg["local_window"],
+        max_position_embeddings=max_position_count(model_cfg), intermediate_size=None,
+        activation_function="gelu_new", layer_norm_epsilon=model_cfg["layernorm_epsilon"], embed_dropout=dropout,
+        attention_dropout=dropout, resid_dropout=dropout, **_common_hf_config(model_cfg),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------

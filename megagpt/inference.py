@@ -23,14 +23,13 @@ from megagpt.config import Config, config_from_dict
 from megagpt.data.batches import read_batch
 from megagpt.launch import discover_launch, resolve_device, set_cpu_threads
 from megagpt.log import setup_logging
+from megagpt.model.facts import compute_dtype
 from megagpt.model.gpt import GPT
 from megagpt.parallel.comm import shutdown
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.params import copy_spec
 from megagpt.parallel.random import TensorParallelRNG
 from megagpt.parallel.topology import Topology
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def inference_config(saved: SavedCheckpoint, ctx: ParallelContext, precision: str = "fp32") -> Config:
@@ -56,7 +55,7 @@ def load_for_inference(path: str | Path, ctx: ParallelContext, precision: str = 
         model = GPT(cfg.model, tp, rng=rng, init_seed=0)
     # to_empty makes new Parameter objects off the meta device: carry each parameter's ParamSpec over.
     planned = dict(model.named_parameters())
-    model = model.to_empty(device=ctx.device).to(DTYPES[precision])
+    model = model.to_empty(device=ctx.device).to(compute_dtype(precision))
     for name, param in model.named_parameters():
         copy_spec(planned[name], param)
     for _ in copy_weights(saved, shards_of([model], tp), cfg.model.vocab_size):

@@ -396,7 +396,7 @@ def step_tiny_training(folder: Path, device_name: str = "cuda") -> dict:
 
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
-    from megagpt.train.pretrain import build_trainer, pretrain
+    from megagpt.train.run import build_trainer, pretrain
 
     device = torch.device(device_name, 0) if device_name == "cuda" else torch.device(device_name)
     corpus = counting_corpus(folder)

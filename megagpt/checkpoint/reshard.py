@@ -24,6 +24,7 @@ from megagpt.checkpoint.reader import SavedCheckpoint, full_state, full_weight
 from megagpt.config import config_from_dict, validate
 from megagpt.errors import UserError
 from megagpt.log import get_logger
+from megagpt.model.build import build_model
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.topology import Topology
@@ -56,7 +57,6 @@ def reshard_checkpoint(
 ) -> Path:
     """Write `source` (a checkpoint folder, or a checkpoint.dir: its latest) for the layout (tp, pp, vpp, dp, zero)
     as out/step_N (and out/latest); returns the folder."""
-    from megagpt.train.pretrain import build_model
 
     saved = open_checkpoint(source)
     out = Path(out)

@@ -14,6 +14,9 @@ query i see keys j with i - w < j <= i (a window as long as the sequence is dens
 
 "auto" picks sdpa for dense layers and, for local ones, flex on CUDA when it can serve the call (no dropout),
 else blocked. A backend asked for by name that cannot serve the call raises AttentionBackendError saying why.
+
+Generation's key/value cache (KVCache, cached_attention): new queries attend to the cached keys and values of the
+positions before them, and the cache keeps only what a later query can see (a local layer's last `window`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import functools
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,30 @@ BACKENDS = ("auto", "sdpa", "blocked", "flex", "fused_softmax")
 
 class AttentionBackendError(UserError):
     """An attention backend was asked for a call it cannot serve."""
+
+
+@dataclass
+class KVCache:
+    """One layer's keys and values of the positions seen so far, on this rank's heads; empty before the prompt."""
+
+    keys: torch.Tensor | None = None  # (b, heads/tp, t, d)
+    values: torch.Tensor | None = None
+
+
+def cached_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, window: int | None
+) -> torch.Tensor:
+    """q, k, v: (b, heads, s, d) of s new positions, following the cached ones -> (b, heads, s, d). Extends the
+    cache in place, keeping only the keys a later query can see (the last `window` for a local layer)."""
+    if cache.keys is not None:
+        k = torch.cat([cache.keys, k], dim=2)
+        v = torch.cat([cache.values, v], dim=2)
+    # The s new queries are the last s of the t cached positions; a local layer also masks keys beyond its band.
+    visible = ~causal_band_mask(q.shape[2], k.shape[2], window, q.device)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    keep = k.shape[2] if window is None else window
+    cache.keys, cache.values = k[:, :, -keep:], v[:, :, -keep:]
+    return y
 
 
 def causal_attention(

@@ -36,6 +36,13 @@ def default_block_size(window: int) -> int:
     return min(64, max(16, 1 << max(0, math.ceil(math.log2(window)) - 2)))
 
 
+def key_window_rows(window: int, block_size: int | None = None) -> int:
+    """W = P + B, the keys each query block meets (P: window - 1 rounded up to the block); what a local layer keeps
+    of its scores per query (the memory estimate reads it here)."""
+    block = default_block_size(window) if block_size is None else block_size
+    return -(-(window - 1) // block) * block + block
+
+
 def banded_attention(
     q: torch.Tensor,
     k: torch.Tensor,

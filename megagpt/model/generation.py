@@ -13,47 +13,21 @@ every rank samples with the same seeded generator, so all ranks pick the same to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
 from megagpt.config import max_positions
 from megagpt.errors import UserError
-from megagpt.kernels.softmax import causal_band_mask
-
-
-@dataclass
-class LayerCache:
-    keys: torch.Tensor | None = None  # (b, heads/tp, t, d)
-    values: torch.Tensor | None = None
-
-
-def attend_cached(attn, x: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-    """A SelfAttention layer on new positions x (b, s, h), extending and reading its cache."""
-    b, s, _ = x.shape
-    qkv = attn.qkv(x).view(b, s, attn.heads, 3, attn.head_dim)  # (b, s, heads/tp, 3, d), Megatron's layout
-    q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # each (b, heads/tp, s, d)
-    if cache.keys is not None:
-        k = torch.cat([cache.keys, k], dim=2)
-        v = torch.cat([cache.values, v], dim=2)
-    # The s new queries are the last s of the t cached positions; a local layer also masks keys beyond its band.
-    visible = ~causal_band_mask(s, k.shape[2], attn.window, x.device)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # (b, heads/tp, s, d)
-    keep = k.shape[2] if attn.window is None else attn.window
-    cache.keys, cache.values = k[:, :, -keep:], v[:, :, -keep:]
-    return attn.proj(y.transpose(1, 2).reshape(b, s, attn.heads * attn.head_dim))
+from megagpt.model.attention import KVCache
 
 
 @torch.no_grad()
-def forward_cached(model, tokens: torch.Tensor, caches: list[LayerCache], start: int) -> torch.Tensor:
+def forward_cached(model, tokens: torch.Tensor, caches: list[KVCache], start: int) -> torch.Tensor:
     """Logits (b, s, vocab) for tokens (b, s) at positions start .. start + s - 1, given the caches of the
-    positions before (one per layer, updated in place)."""
+    positions before (one per layer, updated in place). The blocks are the model's own, run with their cache."""
     positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
     x = model.wte(tokens) + model.wpe(positions)
     for block, cache in zip(model.blocks.values(), caches):
-        x = x + attend_cached(block.attn, block.ln_1(x), cache)
-        x = x + block.mlp(block.ln_2(x))
+        x = block(x, cache)
     return model.head(model.ln_f(x), None)
 
 
@@ -113,7 +87,7 @@ def generate(
         )
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    caches = [LayerCache() for _ in model.blocks]
+    caches = [KVCache() for _ in model.blocks]
     tokens = prompt
     logits = forward_cached(model, prompt, caches, 0)[:, -1]
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)

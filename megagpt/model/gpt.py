@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from megagpt.config import ModelConfig, max_positions, padded_vocab_size
 from megagpt.kernels import LayerNorm
-from megagpt.model.attention import causal_attention, pick_backend
+from megagpt.model.attention import KVCache, cached_attention, causal_attention, pick_backend
+from megagpt.model.facts import layer_window
 from megagpt.model.loss import linear_cross_entropy
 from megagpt.parallel.comm import copy_to_group, gather_from_group
 from megagpt.parallel.context import Group
@@ -52,12 +53,6 @@ from megagpt.parallel.tensor_parallel import (
 )
 
 
-def layer_attention_window(cfg: ModelConfig, layer: int) -> int | None:
-    """None for a dense layer, the band width for a local one."""
-    kind = cfg.attention_pattern[layer % len(cfg.attention_pattern)]
-    return cfg.local_window if kind == "local" else None
-
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, tp_group: Group, sp: bool, rng, recompute_core: bool):
         super().__init__()
@@ -66,7 +61,7 @@ class SelfAttention(nn.Module):
         self.recompute_core = recompute_core
         self.heads = divide(cfg.num_heads, tp_group.size, "num_heads")  # heads on this rank
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.window = layer_attention_window(cfg, layer)
+        self.window = layer_window(cfg, layer)
         self.backend = cfg.attention_backend
         self.fused_kernels = cfg.fused_kernels
         self.dropout = cfg.dropout
@@ -78,16 +73,20 @@ class SelfAttention(nn.Module):
         )
         self.proj = RowParallelLinear(h, h, tp_group, bias=True, init_std=residual_init_std(cfg), sequence_parallel=sp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, h), or (b, s/tp, h) with sequence parallelism
-        y = self.attend(self.qkv(x))  # the column-parallel qkv gathers the sequence: (b, s, 3h/tp) -> (b, s, h/tp)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x: (b, s, h), or (b, s/tp, h) with sequence parallelism. With a cache (generation), x holds the positions
+        after the cached ones, and the cache is extended with their keys and values."""
+        y = self.attend(self.qkv(x), cache)  # the column-parallel qkv gathers the sequence: (b, s, 3h/tp)
         return self.proj(y)  # (b, s, h), or (b, s/tp, h) reduce-scattered
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """(b, s, 3h/tp) fused projections of this rank's heads -> (b, s, h/tp) attention output."""
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.heads, 3, self.head_dim)  # (b, s, heads/tp, 3, d)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # each (b, heads/tp, s, d)
-        if self.recompute_core and torch.is_grad_enabled():
+        if cache is not None:
+            y = cached_attention(q, k, v, cache, self.window)  # generation: no dropout, no recomputation
+        elif self.recompute_core and torch.is_grad_enabled():
             y = checkpoint(self.core, q, k, v, rng=self.rng)  # keeps q, k, v; reruns the rest in backward
         else:
             y = self.core(q, k, v)  # (b, heads/tp, s, d)
@@ -133,8 +132,9 @@ class Block(nn.Module):
         mark_sequence_parallel(self.ln_1, sp)
         mark_sequence_parallel(self.ln_2, sp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, h), or (b, s/tp, h) with sequence parallelism
-        y = self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x: (b, s, h), or (b, s/tp, h) with sequence parallelism; cache: generation's (see SelfAttention)."""
+        y = self.attn(self.ln_1(x), cache)
         with self.residual_rng():
             x = x + self.dropout(y)
         y = self.mlp(self.ln_2(x))
@@ -274,7 +274,7 @@ class GPT(nn.Module):
             weight = self.wte.weight[: self.vocab_size]
             if labels is None:
                 return F.linear(x, weight)
-            # Softmax and loss in fp32 whatever the compute precision, chunk by chunk (model/loss.py).
+            # Softmax and loss in fp32 whatever the compute precision, one row block at a time (model/loss.py).
             return linear_cross_entropy(x.flatten(0, 1), weight, labels.flatten())
 
         return self.vocab_parallel_loss(F.linear(x, self.wte.weight).float(), labels)
@@ -294,13 +294,3 @@ class GPT(nn.Module):
 def residual_init_std(cfg: ModelConfig) -> float:
     """GPT-2's scaled init for the projections that write into the residual stream."""
     return cfg.init_std / math.sqrt(2.0 * cfg.num_layers)
-
-
-def num_parameters(cfg: ModelConfig, vocab_rows: int | None = None) -> int:
-    """Parameters of the whole model (all tp ranks together); vocab_rows defaults to the real vocabulary."""
-    h, layers = cfg.hidden_size, cfg.num_layers
-    vocab_rows = cfg.vocab_size if vocab_rows is None else vocab_rows
-    embeddings = vocab_rows * h + max_positions(cfg) * h
-    # qkv 3h^2 (+3h), proj h^2 + h, fc 4h^2 + 4h, fc2 4h^2 + h, two LayerNorms 4h
-    per_layer = 12 * h * h + (3 * h if cfg.qkv_bias else 0) + 10 * h
-    return embeddings + layers * per_layer + 2 * h

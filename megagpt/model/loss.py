@@ -1,25 +1,26 @@
-"""The output layer and its cross entropy in one pass over the sequence, chunk by chunk (tp = 1).
+"""The output layer and its cross entropy in one pass over the sequence, one block of rows at a time (tp = 1).
 
     loss = linear_cross_entropy(x, weight, labels)      # mean over rows of -log softmax(x @ weight.T)[label]
 
 With GPT-2's 50k vocabulary the logits are the largest tensor of a step (b * s * 50257 floats: 823 MB at
-4 x 1024), and the plain path materializes them twice more (the softmax's gradient, the matmul's input). Here a
-chunk of rows at a time computes its logits, their log-sum-exp and loss, and, when gradients are wanted, the
-gradient of the summed loss with respect to the logits (softmax minus one-hot) and from it the chunk's input
-gradient and its share of the weight gradient, all in the forward pass: the backward only scales them by the
-incoming gradient / N. The same FLOPs as forward + backward, with one (chunk, vocab) tensor alive at a time.
+4 x 1024), and the plain path materializes them twice more (the softmax's gradient, the matmul's input). Here
+one row block (ROW_BLOCK rows of x) at a time computes its logits, their log-sum-exp and loss, and, when
+gradients are wanted, the gradient of the summed loss with respect to the logits (softmax minus one-hot) and
+from it the block's input gradient and its share of the weight gradient, all in the forward pass: the backward
+only scales them by the incoming gradient / N. The same FLOPs as forward + backward, with one (rows, vocab)
+tensor alive at a time.
 """
 
 from __future__ import annotations
 
 import torch
 
-CHUNK_ROWS = 1024
+ROW_BLOCK = 1024  # rows of x per logits block
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, chunk_rows, grad_x_wanted, grad_weight_wanted):
+    def forward(ctx, x, weight, labels, block_rows, grad_x_wanted, grad_weight_wanted):
         # x: (N, h), weight: (V, h), labels: (N,) -> mean loss, a 0-d fp32 tensor. Whether gradients are wanted
         # comes from the caller: inside forward autograd has turned grad mode off, and needs_input_grad says
         # only what requires grad, not whether a backward can follow (evaluation under no_grad).
@@ -29,13 +30,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x) if wants_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if grad_weight_wanted else None
         total = torch.zeros((), dtype=wide, device=x.device)
-        # One logits buffer for every chunk (and an fp32 one for bf16 / fp16): a fresh (chunk, V) tensor per chunk
-        # costs its page faults each time, which on CPU took as long as a third of the chunk's matmul.
-        rows_max = min(chunk_rows, n)
+        # One logits buffer for every row block (and an fp32 one for bf16 / fp16): a fresh (rows, V) tensor per block
+        # costs its page faults each time, which on CPU took as long as a third of the block's matmul.
+        rows_max = min(block_rows, n)
         buffer = torch.empty((rows_max, weight.shape[0]), dtype=x.dtype, device=x.device)
         wide_buffer = buffer if x.dtype == wide else torch.empty(buffer.shape, dtype=wide, device=x.device)
-        for start in range(0, n, chunk_rows):
-            rows = slice(start, min(n, start + chunk_rows))
+        for start in range(0, n, block_rows):
+            rows = slice(start, min(n, start + block_rows))
             c = rows.stop - start
             logits = torch.mm(x[rows], weight.t(), out=buffer[:c])  # (c, V)
             if logits.dtype != wide:
@@ -73,9 +74,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         return dx, dw, None, None, None, None
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int = CHUNK_ROWS):
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, block_rows: int = ROW_BLOCK):
     """Mean cross entropy of x @ weight.T against labels; x (N, h), weight (V, h), labels (N,) in [0, V)."""
     grad = torch.is_grad_enabled()
     return LinearCrossEntropy.apply(
-        x, weight, labels, chunk_rows, grad and x.requires_grad, grad and weight.requires_grad
+        x, weight, labels, block_rows, grad and x.requires_grad, grad and weight.requires_grad
     )

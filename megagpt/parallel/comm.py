@@ -8,14 +8,14 @@ Tensor parallelism (Megatron's mappings), activations (b, s, h) with the sequenc
 
 Sequence parallelism replaces the all-reduces around each tensor-parallel block:
 
-    scatter_to_sequence        forward: split (seq dim)        backward: all-gather (seq dim)
     reduce_scatter_to_sequence forward: reduce-scatter (seq)   backward: all-gather (seq dim)
 
 and the column-parallel layers all-gather their sequence shard themselves (tensor_parallel.py's
 sequence_parallel_linear: forward all-gather; backward all-gather again, reduce-scatter the input gradient), so
 that only the shard is kept for backward. Column-parallel layers consume the full input on every rank, so its
 gradient is the sum of the ranks' partial gradients (copy_to_group, or that reduce-scatter); row-parallel layers
-produce partial sums of the output (reduce_from_group / reduce_scatter_to_sequence).
+produce partial sums of the output (reduce_from_group / reduce_scatter_to_sequence). The embedding enters the
+sequence shards through a reduce-scatter of its partial sums too, so no plain split into the sequence is needed.
 
 `comm_stats` counts the calls and bytes of each collective in this process, for benchmarks.
 """
@@ -227,7 +227,6 @@ def _sum(x, group):
 _CopyToGroup = _conjugate_pair("CopyToGroup", _identity, _sum)
 _ReduceFromGroup = _conjugate_pair("ReduceFromGroup", _sum, _identity)
 _GatherFromGroup = _conjugate_pair("GatherFromGroup", lambda x, g: all_gather(x, -1, g), lambda d, g: split(d, -1, g))
-_ScatterToSequence = _conjugate_pair("ScatterToSequence", lambda x, g: split(x, 1, g), lambda d, g: all_gather(d, 1, g))
 _ReduceScatterToSequence = _conjugate_pair(
     "ReduceScatterToSequence", lambda x, g: reduce_scatter(x, 1, g), lambda d, g: all_gather(d, 1, g)
 )
@@ -246,11 +245,6 @@ def reduce_from_group(x: torch.Tensor, group: Group) -> torch.Tensor:
 def gather_from_group(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Forward all-gather along the last dim, backward split."""
     return x if group.size == 1 else _GatherFromGroup.apply(x, group)
-
-
-def scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """(b, s, h) -> (b, s/tp, h). Forward split, backward all-gather."""
-    return x if group.size == 1 else _ScatterToSequence.apply(x, group)
 
 
 def reduce_scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:

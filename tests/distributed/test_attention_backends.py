@@ -26,9 +26,9 @@ def backend_config(backend: str, tp: int):
 
 
 def check_backends(rank: int, world_size: int):
+    from megagpt.model.build import build_model
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import build_model
 
     ctx = ParallelContext.initialize(Topology(2, 1, 1), rank, torch.device("cpu"))
     tokens = torch.randint(0, 1000, (2, 41), generator=torch.Generator().manual_seed(3))

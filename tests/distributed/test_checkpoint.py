@@ -44,7 +44,7 @@ def losses(state) -> list[float]:
 def train(rank, tp, pp, dp, run_dir, *extra, steps=STEPS):
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     ctx = ParallelContext.initialize(Topology(tp, dp, pp), rank, torch.device("cpu"))
     return losses(pretrain(checkpoint_config(tp, pp, run_dir, *extra, steps=steps), ctx))
@@ -52,7 +52,7 @@ def train(rank, tp, pp, dp, run_dir, *extra, steps=STEPS):
 
 def single(run_dir, *extra, steps=STEPS):
     from megagpt.parallel.context import ParallelContext
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     return losses(pretrain(checkpoint_config(1, 1, run_dir, *extra, steps=steps), ParallelContext.single_process()))
 

@@ -15,10 +15,10 @@ def gathered(x: torch.Tensor, group) -> list[torch.Tensor]:
 
 
 def check_dropout_streams(rank: int, world_size: int, run_dir: str):
+    from megagpt.model.build import build_model
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.random import TensorParallelRNG
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import build_model
 
     ctx = ParallelContext.initialize(Topology(2, 1, 1), rank, torch.device("cpu"))
     tp = ctx.tp_group

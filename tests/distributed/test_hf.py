@@ -32,7 +32,7 @@ def pipeline_logits(ctx, checkpoint: str, x: torch.Tensor):
     from megagpt.checkpoint.paths import open_checkpoint
     from megagpt.checkpoint.rank_state import copy_weights, shards_of
     from megagpt.config import config_from_dict
-    from megagpt.train.pretrain import build_model
+    from megagpt.model.build import build_model
 
     saved = open_checkpoint(checkpoint)
     t = ctx.topology
@@ -62,7 +62,7 @@ def tp2_pp2_world(rank, world_size, root):
     from megagpt.hf import hf_folder_to_checkpoint
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
     from tests.conftest import tiny_config
 
     root = Path(root)

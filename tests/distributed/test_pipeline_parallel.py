@@ -58,7 +58,7 @@ def one_step_gradients(cfg, ctx):
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.comm import all_gather
     from megagpt.parallel.params import spec_of
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     data = SyntheticDataset(64, cfg.model.seq_length, cfg.model.vocab_size, seed=5)
     trainer = build_trainer(cfg, ctx, data, None, None)
@@ -77,7 +77,7 @@ def check_pipeline_layout(rank, world_size, tp, pp, dp, vpp, sp, layers, run_dir
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.pipeline import max_alive_promised, schedule, schedule_steps, virtual_stage
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     cfg = pipeline_config(tp, pp, vpp, sp, layers, run_dir)
     ctx = ParallelContext.initialize(Topology(tp, dp, pp), rank, torch.device("cpu"))
@@ -122,7 +122,7 @@ def check_pipeline_layout(rank, world_size, tp, pp, dp, vpp, sp, layers, run_dir
 @pytest.fixture(scope="module")
 def reference_runs(tmp_path_factory):
     from megagpt.parallel.context import ParallelContext
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     runs = {}
     for layers in sorted({layout[-1] for layout in LAYOUTS}):
@@ -172,7 +172,7 @@ def die_mid_step(rank, world_size, run_dir):
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.pipeline import PipelineError
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     cfg = pipeline_config(1, 2, 1, False, 4, run_dir, "parallel.timeout_s=30")
     ctx = ParallelContext.initialize(Topology(1, 1, 2), rank, torch.device("cpu"))
@@ -210,7 +210,7 @@ def mismatched_configs(rank, world_size, run_dir):
     from megagpt.errors import UserError
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     seq = 32 if rank == 0 else 16
     cfg = pipeline_config(1, 2, 1, False, 4, run_dir, f"model.seq_length={seq}")
@@ -234,7 +234,7 @@ def hang_mid_step(rank, world_size, run_dir):
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     cfg = pipeline_config(1, 2, 1, False, 4, run_dir, "parallel.timeout_s=3")
     ctx = ParallelContext.initialize(Topology(1, 1, 2), rank, torch.device("cpu"))
@@ -264,10 +264,10 @@ def test_a_hung_peer_ends_the_step_after_the_timeout(tmp_path):
 
 
 def dropout_streams_per_stage(rank, world_size):
+    from megagpt.model.build import build_model
     from megagpt.parallel.comm import all_gather
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import build_model
 
     ctx = ParallelContext.initialize(Topology(1, 1, 2), rank, torch.device("cpu"))
     (chunk,) = build_model(pipeline_config(1, 2, 1, False, 4, "unused", "model.dropout=0.5"), ctx)

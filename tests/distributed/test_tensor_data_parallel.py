@@ -65,11 +65,12 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir: str):
+    from megagpt.model.build import build_model
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.data_parallel import GradBuckets
     from megagpt.parallel.topology import Topology
     from megagpt.train.optimizer import MainParamOptimizer
-    from megagpt.train.pretrain import build_model, pretrain
+    from megagpt.train.run import pretrain
 
     cfg = parity_config(tp, dp, sp, run_dir)
     ctx = ParallelContext.initialize(Topology(tp, dp, 1), rank, torch.device("cpu"))
@@ -137,7 +138,7 @@ def check_layout(rank: int, world_size: int, tp: int, dp: int, sp: bool, run_dir
 def reference_runs(tmp_path_factory):
     """Single-process training curves, one per head count the layouts use."""
     from megagpt.parallel.context import ParallelContext
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     runs = {}
     for tp in sorted({tp for tp, _, _ in LAYOUTS}):

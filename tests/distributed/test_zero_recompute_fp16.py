@@ -35,7 +35,7 @@ def fp16_overflow_check(ctx, run_dir: str, poisoned_rank: int) -> list[tuple]:
     per step: (skipped, scale before, scale after, whether any parameter changed)."""
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.params import spec_of
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     cfg = pipeline_config(2, 2, 1, False, 4, run_dir, "train.precision=fp16", "train.initial_loss_scale=1024")
     data = SyntheticDataset(64, cfg.model.seq_length, cfg.model.vocab_size, seed=5)
@@ -63,7 +63,7 @@ def fp16_overflow_check(ctx, run_dir: str, poisoned_rank: int) -> list[tuple]:
 def check_zero(rank, world_size, tp, pp, dp, sp, run_dir):
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     ctx = ParallelContext.initialize(Topology(tp, dp, pp), rank, torch.device("cpu"))
     state = pretrain(pipeline_config(tp, pp, 1, sp, 4, run_dir, "parallel.zero=1"), ctx)
@@ -74,7 +74,7 @@ def check_zero(rank, world_size, tp, pp, dp, sp, run_dir):
 def unsharded(tmp_path_factory):
     """One process, zero=0: the curve every layout must reproduce, and the whole optimizer state's bytes."""
     from megagpt.parallel.context import ParallelContext
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     run_dir = str(tmp_path_factory.mktemp("unsharded"))
     state = pretrain(pipeline_config(1, 1, 1, False, 4, run_dir), ParallelContext.single_process())
@@ -101,7 +101,7 @@ def test_zero1_matches_unsharded_training(tp, pp, dp, sp, tmp_path, unsharded):
 def check_recompute(rank, world_size, run_dir):
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     ctx = ParallelContext.initialize(Topology(2, 1, 2), rank, torch.device("cpu"))
     curves = {}

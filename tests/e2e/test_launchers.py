@@ -44,7 +44,7 @@ def losses(run_dir) -> list[float]:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The same training in one process: every launcher must reproduce its losses."""
-    from launcher.pretrain import main
+    from megagpt.cli.train import main
 
     run_dir = tmp_path_factory.mktemp("single")
     main([*TINY[1:], *LAYOUT[2:], f"logging.dir={run_dir}"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from launcher.pretrain import main
+from megagpt.cli.train import main
 from megagpt.config import load_config
 from megagpt.data.tokenizer import EOD_ID
 from tests.conftest import REPO
@@ -227,7 +227,7 @@ def test_clipping_caps_the_update_norm(tmp_path):
 
     from megagpt.config import config_from_dict
     from megagpt.parallel.context import ParallelContext
-    from megagpt.train import pretrain as run
+    from megagpt.train import run
 
     cfg = config_from_dict(
         {"preset": "tiny-cpu"},

@@ -19,7 +19,7 @@ from megagpt.checkpoint.reader import SavedCheckpoint
 from megagpt.config import validate
 from megagpt.errors import ConfigError
 from megagpt.parallel.context import ParallelContext
-from megagpt.train.pretrain import pretrain
+from megagpt.train.run import pretrain
 from tests.conftest import REPO, tiny_config
 
 BASE = ["train.iters=6", "logging.log_interval=1", "logging.tensorboard=false", "train.eval_iters=0"]
@@ -261,7 +261,7 @@ def test_after_resuming_from_an_older_checkpoint_pruning_keeps_the_new_ones(tmp_
 def test_a_bf16_checkpoint_loads_into_fp32_at_the_main_weights_precision(tmp_path):
     from megagpt.checkpoint.load import load_checkpoint
     from megagpt.data.gpt_dataset import SyntheticDataset
-    from megagpt.train.pretrain import build_trainer
+    from megagpt.train.run import build_trainer
 
     run(tmp_path, "bf16", "train.iters=2", "train.precision=bf16", f"checkpoint.dir={tmp_path / 'ck'}")
     saved = tmp_path / "ck" / "step_00000002"

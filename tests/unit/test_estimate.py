@@ -54,7 +54,7 @@ def test_the_175b_preset_has_175b_parameters(gpt3_175b):
 
 
 def test_every_stage_of_one_tp_dp_slice_built_on_the_meta_device_adds_up_to_the_estimate(gpt3_175b):
-    from launcher.pretrain import meta_rank_params
+    from megagpt.cli.train import meta_rank_params
 
     topology = Topology(8, 8, 16)
     result = estimate(gpt3_175b, 1024)
@@ -86,7 +86,7 @@ MEMORY_CONFIGS = {
 
 @pytest.mark.parametrize("overrides", MEMORY_CONFIGS.values(), ids=MEMORY_CONFIGS.keys())
 def test_the_memory_estimate_is_within_ten_percent_of_a_measured_step(overrides, tmp_path):
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     cfg = tiny_config(*overrides, "train.iters=1", f"logging.dir={tmp_path}", "logging.tensorboard=false",
                       "train.eval_iters=0")  # fmt: skip

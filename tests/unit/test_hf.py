@@ -101,7 +101,7 @@ def test_greedy_generation_agrees_with_transformers_token_for_token(hf_model, tm
 
 
 def train_megagpt(tmp_path, *overrides):
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     cfg = tiny_config(
         "train.iters=3", "model.vocab_size=1000", "logging.tensorboard=false", "train.eval_iters=0",
@@ -287,7 +287,7 @@ def test_the_loss_pass_computes_no_gradients_under_no_grad():
     weight = torch.randn(8192, 64, requires_grad=True)
     labels = torch.randint(0, 8192, (512,))
     with torch.no_grad(), AllocationTracker() as tracker:
-        loss = linear_cross_entropy(x, weight, labels, chunk_rows=128)
+        loss = linear_cross_entropy(x, weight, labels, block_rows=128)
     chunk_logits, weight_gradient = 128 * 8192 * 4, 8192 * 64 * 4
     assert tracker.peak < chunk_logits + weight_gradient // 2  # one chunk's logits, no (V, h) weight gradient
     assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(x @ weight.t(), labels).item(), rel=1e-5)

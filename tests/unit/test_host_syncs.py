@@ -11,7 +11,7 @@ import torch
 
 from megagpt.errors import UserError
 from megagpt.parallel.context import ParallelContext
-from megagpt.train.pretrain import configure_tf32, pretrain
+from megagpt.train.run import configure_tf32, pretrain
 from megagpt.train.trainer import Trainer
 from tests.conftest import tiny_config
 

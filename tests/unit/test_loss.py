@@ -25,7 +25,7 @@ def test_chunked_loss_and_gradients_match_the_plain_computation(dtype, tolerance
     x = torch.randn(300, 32, generator=generator).to(dtype).requires_grad_()
     weight = (torch.randn(1000, 32, generator=generator) * 0.5).to(dtype).requires_grad_()
     labels = torch.randint(0, 1000, (300,), generator=generator)
-    loss = linear_cross_entropy(x, weight, labels, chunk_rows=128)  # chunks of 128, 128 and 44 rows
+    loss = linear_cross_entropy(x, weight, labels, block_rows=128)  # row blocks of 128, 128 and 44 rows
     (loss * 3.0).backward()
     want_loss, want_dx, want_dw = reference(x, weight, labels, 3.0)
     assert loss.dtype == torch.float32 and x.grad.dtype == dtype and weight.grad.dtype == dtype

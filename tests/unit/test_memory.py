@@ -25,8 +25,8 @@ def test_tracker_counts_live_storages_and_their_peak():
 
 
 def gradients_and_peak(recompute: str, dropout: float):
+    from megagpt.model.build import build_model
     from megagpt.parallel.context import ParallelContext
-    from megagpt.train.pretrain import build_model
 
     cfg = tiny_config(
         "model.vocab_size=1001", "model.seq_length=128", "model.local_window=32", f"model.dropout={dropout}",
@@ -57,7 +57,7 @@ def test_recompute_gives_the_same_gradients_with_dropout_and_lowers_the_peak():
 @pytest.mark.parametrize("precision, param_bytes", [("fp32", 4), ("bf16", 2)])
 def test_memory_report_in_metrics(tmp_path, precision, param_bytes):
     from megagpt.parallel.context import ParallelContext
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     cfg = tiny_config(
         "model.vocab_size=1001", "train.iters=2", f"train.precision={precision}", f"logging.dir={tmp_path}",
@@ -65,7 +65,7 @@ def test_memory_report_in_metrics(tmp_path, precision, param_bytes):
     )  # fmt: skip
     state = pretrain(cfg, ParallelContext.single_process())
     first = state.history[0]
-    from megagpt.model.gpt import num_parameters
+    from megagpt.model.facts import num_parameters
 
     numel = num_parameters(cfg.model, vocab_rows=1024)  # padded to a multiple of 128
     assert first["memory_params_bytes"] == numel * param_bytes

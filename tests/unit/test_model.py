@@ -3,15 +3,17 @@ import math
 import pytest
 import torch
 
-from megagpt.model.gpt import GPT, layer_attention_window, residual_init_std
+from megagpt.model.facts import layer_kinds, layer_window
+from megagpt.model.gpt import GPT, residual_init_std
 from megagpt.parallel.context import Group
 from tests.conftest import tiny_config
 
 
 def test_layers_follow_the_attention_pattern():
     cfg = tiny_config("model.attention_pattern=[dense,local,local]", "model.num_layers=6").model
-    windows = [layer_attention_window(cfg, layer) for layer in range(6)]
+    windows = [layer_window(cfg, layer) for layer in range(6)]
     assert windows == [None, 16, 16, None, 16, 16]
+    assert layer_kinds(cfg) == ["dense", "local", "local"] * 2
     model = GPT(cfg, Group.solo())
     assert [block.attn.window for block in model.blocks.values()] == windows
 

@@ -10,11 +10,11 @@ import torch
 import megagpt.parallel.grads as grads_module
 from megagpt.checkpoint.format import TensorShard
 from megagpt.checkpoint.rank_state import writes_weight
+from megagpt.model.build import build_model
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.grads import finalize_grads, global_grad_norm
 from megagpt.parallel.params import ParamSpec, copy_spec, set_spec, spec_of, update_spec
 from megagpt.parallel.topology import Topology
-from megagpt.train.pretrain import build_model
 from tests.conftest import tiny_config
 
 TP2_PP2 = Topology(tp=2, dp=1, pp=2)  # ranks 0, 1: first stage (tp 0, 1); ranks 2, 3: last stage

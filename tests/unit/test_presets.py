@@ -2,7 +2,8 @@ import pytest
 
 from megagpt.batch_rampup import samples_after
 from megagpt.config import config_from_dict, padded_vocab_size, validate
-from megagpt.model.gpt import GPT, num_parameters
+from megagpt.model.facts import num_parameters
+from megagpt.model.gpt import GPT
 from megagpt.parallel.context import Group
 from megagpt.presets import GPT3_SIZES, PRESETS
 from megagpt.train.schedules import total_train_samples
@@ -53,7 +54,7 @@ def test_tiny_presets_exist():
 
 def test_a_model_that_cannot_be_exported_says_so_at_launch(tmp_path, caplog):
     from megagpt.parallel.context import ParallelContext
-    from megagpt.train.pretrain import pretrain
+    from megagpt.train.run import pretrain
 
     base = ["train.iters=1", "train.eval_iters=0", "logging.tensorboard=false", "logging.memory_report=false"]
     for qkv_bias, warned in (("true", True), ("false", False)):

@@ -1,14 +1,13 @@
-"""Assemble a run from a validated config: datasets, model, optimizer, run folder, trainer."""
+"""Run a pretraining job from a validated config: datasets, model, optimizer, run folder and trainer are assembled
+here, then trained (pretrain). launcher/pretrain.py (megagpt/cli/train.py) calls it after validation."""
 
 from __future__ import annotations
 
 import datetime
 import hashlib
 import math
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -22,12 +21,12 @@ from megagpt.errors import UserError
 from megagpt.kernels import cuda_kernels
 from megagpt.kernels.build import KernelBuildError
 from megagpt.log import get_logger
-from megagpt.model.gpt import GPT
+from megagpt.model.build import build_model
+from megagpt.model.facts import compute_dtype
 from megagpt.parallel.comm import all_gather, barrier
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
-from megagpt.parallel.pipeline import PipelineExecutor, stage_layers, virtual_stage
-from megagpt.parallel.random import TensorParallelRNG
+from megagpt.parallel.pipeline import PipelineExecutor
 from megagpt.train.loss_scaler import LossScaler
 from megagpt.train.metrics import MetricsWriter
 from megagpt.train.optimizer import MainParamOptimizer
@@ -35,14 +34,6 @@ from megagpt.train.run_control import Checkpointer
 from megagpt.train.run_folders import RunFolders, hold_run_folders
 from megagpt.train.schedules import total_train_samples
 from megagpt.train.trainer import Trainer, TrainState
-
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_data(cfg: Config):
@@ -95,35 +86,6 @@ def open_run_folder(cfg: Config, resume_step: int | None = None) -> MetricsWrite
         raise UserError(f"cannot write logging.dir={run_dir} ({e.strerror or e}); choose a writable folder") from None
 
 
-def build_model(cfg: Config, ctx: ParallelContext) -> torch.nn.ModuleList:
-    """This rank's model chunks (vpp of them, each a run of layers; see parallel/pipeline.py), in the compute
-    dtype. The same seed gives the same full model whatever the layout and precision: each part's weights come
-    from its own seed, drawn in fp32."""
-    pp, vpp, pp_rank = ctx.topology.pp, cfg.parallel.vpp, ctx.pp_group.index
-    # Dropout streams differ between pipeline stages (Megatron's seed + 100 * stage), so no two stages' layers
-    # draw the same masks; the weights come from init_seed and do not depend on the stage.
-    dropout_seed = cfg.train.seed + 100 * pp_rank
-    seed_everything(dropout_seed)
-    rng = TensorParallelRNG(dropout_seed, ctx.tp_group.index, ctx.device)
-    chunks = torch.nn.ModuleList()
-    for chunk in range(vpp):
-        stage = virtual_stage(pp, pp_rank, chunk)
-        chunks.append(
-            GPT(
-                cfg.model,
-                ctx.tp_group,
-                layers=stage_layers(cfg.model.num_layers, pp, vpp, pp_rank, chunk),
-                pre_process=stage == 0,
-                post_process=stage == pp * vpp - 1,
-                sequence_parallel=cfg.parallel.sequence_parallel,
-                rng=rng,
-                init_seed=cfg.train.seed,
-                recompute=cfg.parallel.recompute,
-            )
-        )
-    return chunks.to(device=ctx.device, dtype=COMPUTE_DTYPES[cfg.train.precision])
-
-
 def build_executor(cfg: Config, ctx: ParallelContext, chunks: torch.nn.ModuleList) -> PipelineExecutor:
     tp = ctx.tp_group.size
     seq = cfg.model.seq_length // tp if cfg.parallel.sequence_parallel and tp > 1 else cfg.model.seq_length
@@ -134,7 +96,7 @@ def build_executor(cfg: Config, ctx: ParallelContext, chunks: torch.nn.ModuleLis
         hidden_shape=(cfg.train.micro_batch_size, seq, cfg.model.hidden_size),
         device=ctx.device,
         timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
-        dtype=COMPUTE_DTYPES[cfg.train.precision],
+        dtype=compute_dtype(cfg.train.precision),
     )
 
 

@@ -2,8 +2,10 @@
 
     results = run_world(4, check_something, arg1, arg2)   # check_something(rank, world_size, arg1, arg2)
 
-The multi-process tests (tests/distributed) and the benchmarks (bench/) use it. The function must live at
-module level (spawned processes import it by name). Put several checks into one world: a spawn costs seconds.
+The multi-process tests (tests/distributed) and the benchmarks (bench/, which put the repository root on sys.path
+to import it) use it; it is a test harness, so it lives under tests/ and not in the installed package. The function
+must live at module level (spawned processes import it by name). Put several checks into one world: a spawn costs
+seconds.
 A rank that raises fails the call with its rank and traceback; a rank that dies without a word fails it at once
 with its exit code; a world that hangs is killed after `timeout` seconds, naming the ranks that never reported.
 """
