@@ -96,12 +96,12 @@ class GPTDataset(Dataset):
         self.seq_length = int(seq_length)
         self.seed = int(seed)
         self.name = name
-        start, end = self.doc_range
         # Unit d (a document or a sequence) is tokens[offsets[d]:offsets[d + 1]] of the flat .bin.
         if unit == "document":
             self._doc_offsets = indexed.document_token_offsets()
         else:
             self._doc_offsets = indexed.sequence_token_offsets()
+        start, end = self.doc_range
         num_units = len(self._doc_offsets) - 1
         if not 0 <= start <= end <= num_units:
             raise ValueError(f"{unit} range {self.doc_range} outside the {num_units} {unit}s")
@@ -116,19 +116,22 @@ class GPTDataset(Dataset):
         self.num_samples = int(num_samples)
         if self.num_samples < 1 or self.seq_length < 1:
             raise ValueError(f"num_samples ({num_samples}) and seq_length ({seq_length}) must be positive")
+        self._check_tokens(int(doc_lengths.sum()))
+        self._load_or_build_indices(doc_lengths, cache_dir)
 
-        if doc_lengths.sum() == 0:
+    def _check_tokens(self, tokens_per_epoch: int) -> None:
+        """Refuse a split with no tokens or less than one sample of them; warn when it is read many times over."""
+        (start, end), unit, name, prefix = self.doc_range, self.unit, self.name, self.indexed.prefix
+        if tokens_per_epoch == 0:
             what = f"no {unit}s" if start == end else "no tokens"
             raise DataError(
-                f"the {name} split of {indexed.prefix} has {what} ({unit}s [{start}, {end})) but "
+                f"the {name} split of {prefix} has {what} ({unit}s [{start}, {end})) but "
                 f"{self.num_samples} {name} samples are asked for; give {name} a larger share in data.split "
                 "(train,valid,test, e.g. '969,30,1') or ask for 0 of its samples."
             )
-
-        tokens_per_epoch = int(doc_lengths.sum())
         if tokens_per_epoch < self.seq_length + 1:
             raise DataError(
-                f"the {name} split of {indexed.prefix} holds {tokens_per_epoch} tokens, fewer than one sample of "
+                f"the {name} split of {prefix} holds {tokens_per_epoch} tokens, fewer than one sample of "
                 f"seq_length + 1 = {self.seq_length + 1}: every sample would repeat the same tokens; give it more "
                 f"data (a larger corpus or share in data.split) or a shorter model.seq_length"
             )
@@ -137,23 +140,26 @@ class GPTDataset(Dataset):
         if epochs > 1:
             logger.warning(
                 "the %s split of %s (%d tokens) is read %d times over for its %d samples: %d epochs",
-                name, indexed.prefix, tokens_per_epoch, epochs, self.num_samples, epochs,
+                name, prefix, tokens_per_epoch, epochs, self.num_samples, epochs,
             )  # fmt: skip
 
+    def _load_or_build_indices(self, doc_lengths: np.ndarray, cache_dir) -> None:
+        """The three index arrays from the cache, or built and cached, keyed by everything they depend on."""
+        indexed = self.indexed
         cache_dir = os.path.dirname(os.path.abspath(indexed.prefix)) if cache_dir is None else os.fspath(cache_dir)
         description = {
             "class": "GPTDataset",
             "version": _INDEX_VERSION,
             "prefix": os.path.abspath(indexed.prefix),
             "doc_range": list(self.doc_range),
-            **({"unit": unit} if unit != "document" else {}),  # document-unit caches keep their old names
+            **({"unit": self.unit} if self.unit != "document" else {}),  # document-unit caches keep their names
             "num_samples": self.num_samples,
             "seq_length": self.seq_length,
             "seed": self.seed,
             # The lengths stand in for the data itself: a re-preprocessed dataset at the same prefix gets new indices.
             "doc_lengths_sha1": hashlib.sha1(doc_lengths.astype(np.int64).tobytes()).hexdigest(),
         }
-        stem = f"{os.path.basename(indexed.prefix)}-{name}-{_hash(description)}"
+        stem = f"{os.path.basename(indexed.prefix)}-{self.name}-{_hash(description)}"
         arrays = _load_cached(cache_dir, stem, ("document_index", "sample_index", "shuffle_index"))
         if arrays is None or not self._shapes_ok(*arrays):
             arrays = self._build_indices(doc_lengths)
