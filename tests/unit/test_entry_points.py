@@ -8,7 +8,7 @@ import importlib
 import subprocess
 import sys
 
-import tomllib
+import pytest
 
 from tests.conftest import REPO
 
@@ -18,6 +18,7 @@ NOT_INSTALLED = {"gpu_check.py", "gen_config_docs.py"}
 
 
 def entry_points() -> dict[str, str]:
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 
 
