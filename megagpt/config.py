@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from megagpt.data.spec import parse_blend, parse_split
+from megagpt.data.spec import is_set, parse_blend, parse_split
 from megagpt.errors import ConfigError, UserError
 from megagpt.presets import preset_sections
 
@@ -486,7 +486,7 @@ def _split_paths(d: DataConfig) -> dict:
 def _data_problems(d: DataConfig) -> list[str]:
     problems = _Problems()
     split_paths = _split_paths(d)
-    per_split = any(p is not None for p in split_paths.values())
+    per_split = any(is_set(p) for p in split_paths.values())
     problems.check(
         not (d.synthetic and d.path is not None),
         f"data.path={d.path} is set but data.synthetic=true would train on random tokens and ignore it (the "
@@ -498,17 +498,15 @@ def _data_problems(d: DataConfig) -> list[str]:
         "data.synthetic=false, or drop them",
     )
     problems.check(
-        not (d.path is not None and per_split),
+        not (is_set(d.path) and per_split),
         "data.path and data.train_path / valid_path / test_path are both set; give one or the other (as Megatron's "
         "--data-path and --train-data-path)",
     )
     if not d.synthetic and per_split:
-        problems.check(
-            split_paths["train"] is not None, "data.valid_path / test_path are set but data.train_path is not"
-        )
-        for value in split_paths.values():
-            if value is not None:
-                problems.extend(_user_error(parse_blend, value, d.megatron_compat))
+        problems.check(is_set(split_paths["train"]), "data.valid_path / test_path are set but data.train_path is not")
+        for name, value in split_paths.items():
+            if is_set(value):
+                problems.extend(_user_error(parse_blend, value, d.megatron_compat, f"data.{name}_path"))
     elif not d.synthetic:
         problems.check(
             d.path is not None,
@@ -554,10 +552,10 @@ def _cross_section_problems(cfg: Config, world_size: int) -> list[str]:
         decay >= o.warmup_iters,
         f"optim.decay_iters={decay} is below optim.warmup_iters={o.warmup_iters}; decay must end after warm-up",
     )
-    per_split = any(p is not None for p in _split_paths(d).values())
+    per_split = any(is_set(p) for p in _split_paths(d).values())
     if t.eval_iters > 0 and not d.synthetic and per_split:
         problems.check(
-            d.valid_path is not None,
+            is_set(d.valid_path),
             f"train.eval_iters={t.eval_iters} needs validation data, but data.valid_path is not set; set it or "
             "set train.eval_iters=0",
         )

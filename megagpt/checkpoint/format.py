@@ -150,6 +150,11 @@ def layout_record(tp: int, pp: int, dp: int, vpp: int, zero: int) -> dict:
     return {"tp": tp, "pp": pp, "dp": dp, "vpp": vpp, "zero": zero, "world_size": tp * pp * dp}
 
 
+def data_rules_of(cfg) -> dict:
+    """What decides which samples a run reads and in what order, besides the seed and train_samples."""
+    return {"split": cfg.data.split, "megatron_compat": cfg.data.megatron_compat}
+
+
 # What every metadata.json must hold, and of which type, before anything reads it.
 REQUIRED_METADATA = {
     "step": int,
@@ -172,6 +177,7 @@ class CheckpointMetadata:
     model: dict  # the model section of the config that trained it
     layout: dict  # layout_record() of the run that wrote it
     train_samples: int | None = None  # the run's total samples: its data shuffle depends on them
+    data_rules: dict | None = None  # {"split", "megatron_compat"}: how the run cut and ordered its data
     adam_step: float = 0.0  # Adam's step count (bias correction)
     precision: str = "fp32"
     seed: int = 1234
@@ -182,10 +188,20 @@ class CheckpointMetadata:
     index: list = field(default_factory=list)  # piece_index() entries of every rank file
     format: int = FORMAT
 
-    # Written only when set, so that a checkpoint's metadata.json says nothing of what did not happen to it.
-    PROVENANCE = ("resharded_from", "converted_from")
+    # Written only when set, so that a checkpoint's metadata.json says nothing of what did not happen to it (or,
+    # for data_rules, of data it was not trained on).
+    PROVENANCE = ("resharded_from", "converted_from", "data_rules")
     ORDER = ("format", "step", "consumed_samples", "train_samples", "adam_step", "layout", "precision", "seed",
              "model", "loss_scaler", *PROVENANCE, "files", "index")  # fmt: skip
+
+    def trained_data_rules(self) -> dict:
+        """How the run that wrote this cut its splits and ordered its samples. Without a record: a checkpoint that
+        trained from before data.megatron_compat existed (megagpt's earlier rules, the default split), or one that
+        never trained here (converted from Hugging Face: today's defaults)."""
+        if self.data_rules is not None:
+            return dict(self.data_rules)
+        trained_before = self.consumed_samples > 0 and self.converted_from is None
+        return {"split": "969,30,1", "megatron_compat": not trained_before}
 
     def to_json(self) -> str:
         values = dataclasses.asdict(self)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from megagpt.checkpoint.format import MOMENTS, CheckpointError
+from megagpt.checkpoint.format import MOMENTS, CheckpointError, data_rules_of
 from megagpt.checkpoint.rank_state import copy_weights, layout_of, param_shards, restore_random_states
 from megagpt.checkpoint.reader import SavedCheckpoint, full_state
 from megagpt.config import Config
@@ -86,6 +86,7 @@ def _load(trainer, path: str | Path) -> SavedCheckpoint:
             f"{total_train_samples(cfg.train)} (train.iters or the batch changed): the data is shuffled for the "
             f"total, so the samples after step {saved.step} differ from those the original run would have read"
         )
+    _warn_if_the_data_rules_changed(saved, cfg)
     same_layout = meta.layout == layout_of(cfg, ctx)
     payload = saved.rank_payload(ctx.rank) if same_layout else None
     restore_random_states(trainer, payload["rng"] if payload else None, cfg.train.seed)
@@ -95,6 +96,22 @@ def _load(trainer, path: str | Path) -> SavedCheckpoint:
     if not has_state:
         log.info(f"checkpoint {saved.path} holds no optimizer state: Adam starts from zero moments")
     return saved
+
+
+def _warn_if_the_data_rules_changed(saved: SavedCheckpoint, cfg) -> None:
+    """A run that continues with other split or sample-order rules than it trained with reads other samples from
+    here on (and may validate on data it trained on): say so, and how to keep the original's."""
+    if cfg.data.synthetic or saved.meta.consumed_samples == 0:
+        return
+    trained = saved.meta.trained_data_rules()
+    now = data_rules_of(cfg)
+    changed = [f"data.{key}={trained[key]} then, {now[key]} now" for key in now if trained[key] != now[key]]
+    if changed:
+        get_logger().warning(
+            f"checkpoint {saved.path} was trained with other data rules ({'; '.join(changed)}): the splits and the "
+            f"order of samples after step {saved.step} differ from the original run's; set those keys back to "
+            "continue it as it was (checkpoints from before data.megatron_compat used false)"
+        )
 
 
 def load_weights_and_optimizer(trainer, saved: SavedCheckpoint, has_state: bool) -> None:

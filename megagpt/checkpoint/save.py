@@ -19,6 +19,7 @@ import torch
 from megagpt.checkpoint.format import (
     CheckpointError,
     CheckpointMetadata,
+    data_rules_of,
     piece_index,
     rank_file,
     rank_file_payload,
@@ -122,6 +123,7 @@ def training_metadata(trainer, files: dict[str, dict], index: list[list]) -> Che
         step=position["step"],
         consumed_samples=position["consumed_samples"],
         train_samples=total_train_samples(cfg.train),  # the shuffle depends on it
+        data_rules=data_rules_of(cfg),
         adam_step=trainer.optimizer.state_dict()["step"],
         layout=layout_of(cfg, trainer.ctx),
         precision=cfg.train.precision,

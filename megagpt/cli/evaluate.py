@@ -3,8 +3,9 @@
     python tools/evaluate.py --load runs/ck --data data/shakespeare/shakespeare [--split valid]
                              [--split-weights 969,30,1] [--micro-batch 4] [--max-samples N]
 
-The split is cut from the dataset's documents by --split-weights, as data.split does in training, and scored once
-over in windows of the model's sequence length. Prints one JSON object: loss (mean nats per token), perplexity,
+The split is cut as the checkpoint's run cut it: by its data.split (or --split-weights) and by the rules it
+trained with (data.megatron_compat, recorded in the checkpoint), and scored once over in windows of the model's
+sequence length. Prints one JSON object: loss (mean nats per token), perplexity,
 tokens, samples.
 """
 
@@ -27,13 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", required=True, help="a checkpoint folder (step_N) or a checkpoint.dir")
     parser.add_argument("--data", required=True, help="dataset prefix (PREFIX.bin / PREFIX.idx)")
     parser.add_argument("--split", choices=SPLITS, default="valid")
-    parser.add_argument("--split-weights", default="969,30,1", help="train,valid,test shares of the sequences")
+    parser.add_argument(
+        "--split-weights",
+        default=None,
+        help="train,valid,test shares (default: the data.split the checkpoint's run trained with)",
+    )
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--max-samples", type=int, default=None, help="score at most this many windows")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
     import numpy as np
 
+    from megagpt.checkpoint.paths import open_checkpoint
     from megagpt.data.gpt_dataset import GPTDataset, split_documents
     from megagpt.data.indexed_dataset import IndexedDataset
     from megagpt.inference import inference_context, load_for_inference, mean_loss
@@ -43,11 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     with inference_context(args.device) as ctx:
         model, cfg = load_for_inference(args.load, ctx)
         indexed = IndexedDataset(args.data)
-        # The split the run trained with: Megatron's (sequences, cumulative rounding) unless it turned that off.
-        compat = cfg.data.megatron_compat
+        # The split the run trained with, by the rules it trained with (recorded in the checkpoint): Megatron's
+        # (sequences, cumulative rounding) or megagpt's earlier ones (documents), so valid is what it validated on.
+        trained = open_checkpoint(args.load).meta.trained_data_rules()
+        compat, split_weights = trained["megatron_compat"], args.split_weights or trained["split"]
         unit = "sequence" if compat else "document"
         offsets = indexed.sequence_token_offsets() if compat else indexed.document_token_offsets()
-        documents = split_documents(len(offsets) - 1, args.split_weights, compat)[SPLITS.index(args.split)]
+        documents = split_documents(len(offsets) - 1, split_weights, compat)[SPLITS.index(args.split)]
         split_tokens = int(np.int64(offsets[documents[1]]) - np.int64(offsets[documents[0]]))
         samples = (split_tokens - 1) // cfg.model.seq_length  # one pass over the split
         if samples < 1:

@@ -85,6 +85,10 @@ class MicroBatches:
             self._ready[m] = self._read(m)  # kept: a rank holding both end stages asks twice (a V-shaped schedule)
         if m + 1 < len(self) and m + 1 not in self._ready:
             self._ready[m + 1] = self._read(m + 1)
+        # Stages take their micro-batches in order, so the ones before m - 1 are done with: let them go, or a long
+        # evaluation would keep every batch it read on the device.
+        for done in [k for k in self._ready if k < m - 1]:
+            del self._ready[done]
         return self._ready[m]
 
     def _read(self, m: int) -> MicroBatch:

@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import Dataset
 
 from megagpt.data.indexed_dataset import IndexedDataset, create_temp_file
-from megagpt.data.spec import Blend, parse_blend, parse_split, split_ranges
+from megagpt.data.spec import Blend, is_set, parse_blend, parse_split, split_ranges
 from megagpt.data.tokenizer import VOCAB_SIZE
 from megagpt.errors import DataError
 
@@ -351,16 +351,19 @@ def build_datasets(
         return tuple(
             SyntheticDataset(n, seq_length, vocab_size, seed * 3 + k) if n > 0 else None for k, n in enumerate(counts)
         )
-    whole = split_paths is not None and any(p not in (None, "", []) for p in split_paths)
+    whole = split_paths is not None and any(is_set(p) for p in split_paths)
     if whole:
-        if path not in (None, "", []):
+        if is_set(path):
             raise DataError(
                 "data.path and the per-split paths (data.train_path, data.valid_path, data.test_path) are both "
                 "set; give one or the other"
             )
-        blends = [parse_blend(p, megatron_compat) if p not in (None, "", []) else None for p in split_paths]
+        blends = [
+            parse_blend(p, megatron_compat, f"data.{SPLIT_NAMES[k]}_path") if is_set(p) else None
+            for k, p in enumerate(split_paths)
+        ]
     else:
-        if path is None or path == "" or path == []:
+        if not is_set(path):
             raise DataError(
                 "data.path is empty; set it to a dataset prefix from tools/preprocess_data.py or use data.synthetic."
             )

@@ -75,31 +75,36 @@ def split_ranges(num_elements: int, split: str, megatron_compat: bool = True) ->
     return [(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
-def parse_blend(path: str | Sequence, megatron_compat: bool = True) -> Blend:
-    """data.path -> Blend. See the module docstring for the forms each mode takes."""
+def is_set(path) -> bool:
+    """Whether a data path key (data.path, data.train_path, ...) names any data."""
+    return path not in (None, "", [])
+
+
+def parse_blend(path: str | Sequence, megatron_compat: bool = True, key: str = "data.path") -> Blend:
+    """data.path (or the per-split path `key`) -> Blend. See the module docstring for the forms it takes."""
     if isinstance(path, (str, os.PathLike)):
         text = os.fspath(path)
         items = text.split() if megatron_compat else [text]
     else:
         items = [os.fspath(item) if isinstance(item, os.PathLike) else item for item in path]
     if not items:
-        raise DataError("data.path is empty; give a dataset prefix or a blend [weight1, prefix1, ...].")
+        raise DataError(f"{key} is empty; give a dataset prefix or a blend [weight1, prefix1, ...].")
     if len(items) == 1:
-        return Blend((_prefix(items[0], path),), None)
+        return Blend((_prefix(items[0], path, key),), None)
     weights = [_weight(item) for item in items[0::2]] if len(items) % 2 == 0 else [None]
     if all(w is None for w in weights):
         # An odd count, or no weight in a weight's place: a weightless list of prefixes, as Megatron reads it.
-        return Blend(tuple(_prefix(item, path) for item in items), None)
+        return Blend(tuple(_prefix(item, path, key) for item in items), None)
     if any(w is None for w in weights) or any(not isinstance(p, str) for p in items[1::2]):
         raise DataError(
-            f"data.path {items!r} is neither a prefix nor a blend (it mixes weights and prefixes); write a blend as "
+            f"{key} {items!r} is neither a prefix nor a blend (it mixes weights and prefixes); write a blend as "
             "[weight1, prefix1, weight2, prefix2, ...] or a list of prefixes only, weighted by dataset size."
         )
     if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise DataError(f"data.path blend weights {weights} must be finite and non-negative; fix data.path.")
+        raise DataError(f"{key} blend weights {weights} must be finite and non-negative; fix {key}.")
     total = sum(weights)
     if total <= 0:
-        raise DataError(f"data.path blend weights {weights} sum to zero; give some dataset a positive weight.")
+        raise DataError(f"{key} blend weights {weights} sum to zero; give some dataset a positive weight.")
     return Blend(tuple(items[1::2]), tuple(w / total for w in weights))
 
 
@@ -114,10 +119,10 @@ def _weight(item) -> float | None:
         return None
 
 
-def _prefix(item, path) -> str:
+def _prefix(item, path, key: str) -> str:
     if not isinstance(item, str) or _weight(item) is not None:
         raise DataError(
-            f"data.path {path!r} is neither a prefix nor a blend ({item!r} stands where a dataset prefix belongs); "
+            f"{key} {path!r} is neither a prefix nor a blend ({item!r} stands where a dataset prefix belongs); "
             "write a blend as [weight1, prefix1, weight2, prefix2, ...] or a list of prefixes."
         )
     return item

@@ -107,6 +107,7 @@ def test_prefetched_micro_batches_equal_plain_reads():
         plain = MicroBatch.of(read_batch(dataset.data, m * MICRO * DP_SIZE + DP_INDEX * MICRO, MICRO, VOCAB))
         assert torch.equal(got.inputs, plain.inputs) and torch.equal(got.labels, plain.labels)
         assert batches[m] is got  # asked again (a rank holding both end stages): the same, not read again
+        assert sorted(batches._ready) == [k for k in (m - 1, m, m + 1) if 0 <= k < len(batches)]  # older ones freed
     assert len(dataset.reads) == len(set(dataset.reads)) == 6 * MICRO
     with pytest.raises(IndexError):
         batches[6]

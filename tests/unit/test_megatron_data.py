@@ -160,3 +160,40 @@ def test_config_keys():
     with pytest.raises(ConfigError, match="neither a prefix nor a blend"):
         _validate("data.path=0.3 a b")
     _validate("data.path=0.3 a b", "data.megatron_compat=false")  # one prefix with spaces in it
+    with pytest.raises(ConfigError, match="data.valid_path '0.3 a b' is neither a prefix nor a blend"):
+        _validate("data.train_path=a", "data.valid_path=0.3 a b")
+
+
+def test_checkpoints_record_the_data_rules_and_a_resume_under_other_rules_is_told(monkeypatch, tmp_path):
+    from megagpt.checkpoint import load
+    from megagpt.checkpoint.format import CheckpointMetadata, data_rules_of
+
+    cfg = config_from_dict({"preset": "tiny-cpu"}, ["data.synthetic=false", "data.path=a", "data.split=90,5,5"])
+    meta = CheckpointMetadata(step=3, consumed_samples=24, model={}, layout={}, data_rules=data_rules_of(cfg))
+    again = CheckpointMetadata.from_json(meta.to_json(), tmp_path / "metadata.json")
+    assert again.trained_data_rules() == {"split": "90,5,5", "megatron_compat": True}
+    # A checkpoint from before the key existed was cut and ordered by megagpt's earlier rules.
+    older = CheckpointMetadata(step=3, consumed_samples=24, model={}, layout={})
+    assert '"data_rules"' not in older.to_json()
+    assert older.trained_data_rules() == {"split": "969,30,1", "megatron_compat": False}
+    converted = CheckpointMetadata(step=0, consumed_samples=0, model={}, layout={}, converted_from={"path": "x"})
+    assert converted.trained_data_rules() == {"split": "969,30,1", "megatron_compat": True}  # never trained here
+
+    warnings = []
+
+    class Recorder:
+        def warning(self, message):
+            warnings.append(message)
+
+    class Saved:
+        path, step = tmp_path / "step_00000003", 3
+
+    monkeypatch.setattr(load, "get_logger", lambda: Recorder())
+    Saved.meta = again
+    load._warn_if_the_data_rules_changed(Saved, cfg)
+    assert warnings == []
+    Saved.meta = older
+    load._warn_if_the_data_rules_changed(Saved, cfg)
+    assert len(warnings) == 1
+    assert "data.split=969,30,1 then, 90,5,5 now" in warnings[0]
+    assert "data.megatron_compat=False then, True now" in warnings[0]
