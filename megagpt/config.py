@@ -62,6 +62,12 @@ class ParallelConfig:
     tp: int = option(1, "tensor-parallel degree (splits heads and MLP inside a node)")
     pp: int = option(1, "pipeline-parallel degree (splits layers into stages)")
     vpp: int = option(1, "model chunks per pipeline rank (interleaved schedule)")
+    pp_schedule: Literal["auto", "1f1b", "interleaved", "zb-h1", "zb-h2"] = option(
+        "auto",
+        "pipeline schedule: auto (1f1b, or interleaved when vpp > 1), 1f1b, interleaved, or the zero-bubble "
+        "zb-h1 (1F1B's activation memory) and zb-h2 (up to 2 pp - 1 micro-batches held), which split backward "
+        "into input and weight gradients",
+    )
     sequence_parallel: bool = option(False, "shard LayerNorm/dropout regions along the sequence across tp")
     zero: int = option(0, "ZeRO stage: 0 (none) or 1 (optimizer state sharded across dp)")
     recompute: Literal["none", "selective", "full"] = option("none", "activation recomputation")
@@ -429,6 +435,39 @@ def _parallel_problems(p: ParallelConfig) -> list[str]:
     if p.pp >= 1 and p.vpp >= 1:
         problems.check(
             p.vpp == 1 or p.pp > 1, f"parallel.vpp={p.vpp} interleaves pipeline stages, so it needs parallel.pp > 1"
+        )
+        problems.extend(_schedule_problems(p))
+    return problems
+
+
+def _schedule_problems(p: ParallelConfig) -> list[str]:
+    """parallel.pp_schedule against the layout: each schedule runs on the chunk layout it was written for."""
+    problems = _Problems()
+    name = p.pp_schedule
+    problems.check(
+        name != "1f1b" or p.vpp == 1,
+        f"parallel.pp_schedule=1f1b runs one model chunk per rank, but parallel.vpp={p.vpp}; "
+        f"set parallel.vpp=1 or parallel.pp_schedule=interleaved",
+    )
+    problems.check(
+        name != "interleaved" or p.vpp > 1,
+        "parallel.pp_schedule=interleaved needs several model chunks per rank; set parallel.vpp to 2 or more",
+    )
+    if name.startswith("zb-"):
+        problems.check(
+            p.vpp == 1,
+            f"parallel.pp_schedule={name} runs one model chunk per rank, but parallel.vpp={p.vpp}; "
+            f"set parallel.vpp=1",
+        )
+        problems.check(
+            p.pp > 1,
+            f"parallel.pp_schedule={name} fills the pipeline's bubble, but parallel.pp=1 has none; "
+            f"use parallel.pp > 1 or parallel.pp_schedule=auto",
+        )
+        problems.check(
+            p.zero <= 1,
+            f"parallel.pp_schedule={name} is not built for parallel.zero={p.zero} (its weight passes would need the "
+            f"sharded parameters gathered again); use parallel.zero 0 or 1, or parallel.pp_schedule=auto",
         )
     return problems
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megagpt.kernels.cuda import _apex_layer_norm, choose, cuda_kernels, dtype_unsupported
+from megagpt.parallel.weight_grads import layer_norm as split_layer_norm
 
 
 def layer_norm(
@@ -37,7 +38,13 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(hidden_size, eps=eps)
         self.fused = fused
 
+    # Zero-bubble schedules: normalization in B, the weight and bias gradients in W (parallel/weight_grads.py);
+    # the split runs on torch ops whatever `fused` says, since the fused kernels compute all three gradients at once.
+    split_backward = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.split_backward:
+            return split_layer_norm(x, self.weight, self.bias, self.eps)
         return layer_norm(x, self.weight, self.bias, self.eps, self.fused)
 
     def extra_repr(self) -> str:

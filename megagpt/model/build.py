@@ -16,8 +16,9 @@ from megagpt.config import Config
 from megagpt.model.facts import compute_dtype
 from megagpt.model.gpt import GPT
 from megagpt.parallel.context import ParallelContext
-from megagpt.parallel.pipeline import stage_layers, virtual_stage
+from megagpt.parallel.pipeline import ZERO_BUBBLE, stage_layers, virtual_stage
 from megagpt.parallel.random import TensorParallelRNG
+from megagpt.parallel.weight_grads import enable_split_backward
 
 
 def seed_everything(seed: int) -> None:
@@ -52,4 +53,6 @@ def build_model(cfg: Config, ctx: ParallelContext) -> torch.nn.ModuleList:
                 recompute=cfg.parallel.recompute,
             )
         )
+    if cfg.parallel.pp_schedule in ZERO_BUBBLE:
+        enable_split_backward(chunks)  # backward as B (input gradients) and W (weight gradients)
     return chunks.to(device=ctx.device, dtype=compute_dtype(cfg.train.precision))

@@ -51,6 +51,7 @@ from megagpt.parallel.tensor_parallel import (
     sequence_parallel_linear,
     vocab_parallel_cross_entropy,
 )
+from megagpt.parallel.weight_grads import embedding, linear
 
 
 class SelfAttention(nn.Module):
@@ -234,6 +235,12 @@ class GPT(nn.Module):
             self.ln_f = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, fused=cfg.fused_kernels)
             mark_sequence_parallel(self.ln_f, self.sequence_parallel)
 
+    # Zero-bubble schedules: the position embedding's and the tp>1 output layer's weight gradients wait for W
+    # (parallel/weight_grads.py). The tp=1 fused output layer + loss computes its weight gradient in the forward
+    # (model/loss.py), so no weight-gradient work is left for W; its backward applies it at once, which also frees
+    # the (V, h) fp32 buffer instead of holding one per micro-batch waiting for W.
+    split_backward = False
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """First stage: token ids (b, s); later stages: the hidden state (b, s, h), or (b, s/tp, h) with sequence
         parallelism. Last stage: logits (b, s, vocab_size), or with labels (b, s) the mean cross entropy;
@@ -257,7 +264,8 @@ class GPT(nn.Module):
             # rank adds the position embeddings of its own shard.
             shard = divide(s, self.tp_group.size, "the sequence length under sequence parallelism")
             positions = positions[self.tp_group.index * shard : (self.tp_group.index + 1) * shard]
-        x = self.wte(tokens) + self.wpe(positions)  # (b, s, h), or (b, s/tp, h)
+        wpe = embedding(positions, self.wpe.weight) if self.split_backward else self.wpe(positions)
+        x = self.wte(tokens) + wpe  # (b, s, h), or (b, s/tp, h)
         with self.residual_rng():
             return self.drop(x)
 
@@ -277,7 +285,8 @@ class GPT(nn.Module):
             # Softmax and loss in fp32 whatever the compute precision, one row block at a time (model/loss.py).
             return linear_cross_entropy(x.flatten(0, 1), weight, labels.flatten())
 
-        return self.vocab_parallel_loss(F.linear(x, self.wte.weight).float(), labels)
+        logits = linear(x, self.wte.weight) if self.split_backward else F.linear(x, self.wte.weight)
+        return self.vocab_parallel_loss(logits.float(), labels)
 
     def vocab_parallel_loss(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """(b, s, V_padded/tp) fp32 logits of this rank's vocabulary slice -> the gathered logits, or the loss."""

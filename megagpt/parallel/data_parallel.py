@@ -132,6 +132,8 @@ class GradBuckets:
         self.expected = num_micro_batches
 
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        if param.grad is None:  # a zero-bubble B left this gradient to its W (parallel/weight_grads.py)
+            return
         param.main_grad.add_(param.grad)
         param.grad = None
         received = self.received[param] = self.received.get(param, 0) + 1

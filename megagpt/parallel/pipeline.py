@@ -28,6 +28,7 @@ import torch
 
 from megagpt.errors import UserError
 from megagpt.parallel.comm import batch_send_recv
+from megagpt.parallel.weight_grads import WeightGradQueue, deferring
 
 
 class PipelineError(UserError):
@@ -53,9 +54,22 @@ def stage_layers(num_layers: int, pp: int, vpp: int, pp_rank: int, chunk: int) -
 # Schedules
 
 
+SCHEDULES = ("1f1b", "interleaved", "zb-h1", "zb-h2")
+ZERO_BUBBLE = ("zb-h1", "zb-h2")
+
+
+def resolve_schedule(name: str, vpp: int) -> str:
+    """parallel.pp_schedule: "auto" is today's choice by vpp (1F1B, or interleaved for vpp > 1)."""
+    if name == "auto":
+        return "interleaved" if vpp > 1 else "1f1b"
+    return name
+
+
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "F" forward or "B" backward
+    # "F" forward; "B" backward (input and weight gradients, or under a zero-bubble schedule the input gradients
+    # only); "W" the weight gradients a zero-bubble B left (parallel/weight_grads.py)
+    kind: str
     chunk: int
     micro_batch: int
 
@@ -99,22 +113,66 @@ def interleaved_steps(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -
     return _phases(forwards, backwards, warmup)
 
 
-def schedule_steps(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -> list[list[Action]]:
+def zero_bubble_warmup(name: str, pp: int, pp_rank: int, num_micro_batches: int) -> int:
+    """Forwards before the first backward-input pass: ZB-H1 keeps 1F1B's pp - r - 1; ZB-H2 runs 2 (pp - r - 1),
+    so that stage r computes forwards until the first gradient arrives instead of waiting for it."""
+    warmup = pp - pp_rank - 1 if name == "zb-h1" else 2 * (pp - pp_rank - 1)
+    return min(warmup, num_micro_batches)
+
+
+def zero_bubble_steps(name: str, pp: int, pp_rank: int, num_micro_batches: int) -> list[list[Action]]:
+    """ZB-H1 / ZB-H2 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"), vpp = 1: 1F1B's phases with each
+    backward split into B (input gradients, which the previous stage waits for) and W (weight gradients, which
+    nobody waits for). Stage r lets r weight passes lag behind their B: the late stages, which hold fewer
+    micro-batches under 1F1B, spend that slack postponing W into the cool-down, where 1F1B's stages wait for
+    gradients; every stage then holds at most pp micro-batches (ZB-H1: 1F1B's peak, on every stage). B travels
+    back at the speed of an input gradient, so the first gradients arrive a W earlier per stage: at equal F, B
+    and W times ZB-H1's bubble is a third of 1F1B's. ZB-H2 also fills the warm-up with forwards (2 pp - 1
+    micro-batches held on the first stage).
+
+    Each F and B is a step (the executor's exchange rhythm, as 1F1B); a W joins the step before it and runs while
+    that step's exchange is in flight, i.e. in the time the stage would spend waiting for its next input."""
+    warmup = zero_bubble_warmup(name, pp, pp_rank, num_micro_batches)
+    lag = pp_rank  # weight passes that may wait behind their B
+    forwards = [Action("F", 0, m) for m in range(num_micro_batches)]
+    backwards = [Action("B", 0, m) for m in range(num_micro_batches)]
+    steps = [[action] for step in _phases(forwards, backwards, warmup) for action in step]
+    done_w = 0
+    for step in steps:
+        if step[0].kind == "B" and step[0].micro_batch - done_w + 1 > lag:
+            step.append(Action("W", 0, done_w))
+            done_w += 1
+    steps[-1] += [Action("W", 0, m) for m in range(done_w, num_micro_batches)]  # the cool-down's last ones
+    return steps
+
+
+def schedule_steps(pp: int, vpp: int, pp_rank: int, num_micro_batches: int, name: str = "auto") -> list[list[Action]]:
     """One rank's training schedule as steps; after each step the rank exchanges tensors with its neighbours
-    once (the executor's rhythm, Megatron's too): each action for 1F1B, each warm-up forward, steady-state
+    once (the executor's rhythm, Megatron's too): each forward and backward for 1F1B and the zero-bubble
+    schedules (whose W actions ride along with the step before them), each warm-up forward, steady-state
     forward + backward and cool-down backward for the interleaved schedule."""
-    if vpp == 1:
+    name = resolve_schedule(name, vpp)
+    if name in ZERO_BUBBLE:
+        return zero_bubble_steps(name, pp, pp_rank, num_micro_batches)
+    if name == "1f1b":
         return one_f_one_b_steps(pp, pp_rank, num_micro_batches)
     return interleaved_steps(pp, vpp, pp_rank, num_micro_batches)
 
 
-def schedule(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -> list[Action]:
+def schedule(pp: int, vpp: int, pp_rank: int, num_micro_batches: int, name: str = "auto") -> list[Action]:
     """One rank's training schedule as a flat list of actions."""
-    return [action for step in schedule_steps(pp, vpp, pp_rank, num_micro_batches) for action in step]
+    return [action for step in schedule_steps(pp, vpp, pp_rank, num_micro_batches, name) for action in step]
 
 
-def max_alive_promised(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -> int:
-    """The most (chunk, micro-batch) activations a schedule may hold at once on a rank."""
+def max_alive_promised(pp: int, vpp: int, pp_rank: int, num_micro_batches: int, name: str = "auto") -> int:
+    """The most (chunk, micro-batch) activations a schedule may hold at once on a rank: from a micro-batch's
+    forward to its backward, or to its W under a zero-bubble schedule (what a B leaves for W is less than a
+    whole activation, so this bounds memory from above)."""
+    name = resolve_schedule(name, vpp)
+    if name == "zb-h1":
+        return min(pp, num_micro_batches)
+    if name == "zb-h2":
+        return min(2 * pp - 1 - pp_rank, num_micro_batches)
     if vpp == 1:
         return min(pp - pp_rank, num_micro_batches)
     return min((pp - pp_rank - 1) * 2 + (vpp - 1) * pp + 1, num_micro_batches * vpp)
@@ -124,10 +182,10 @@ def max_alive_promised(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) 
 # Transfers: what each step sends and receives
 
 
-def forward_steps(pp: int, vpp: int, pp_rank: int, num_micro_batches: int) -> list[list[Action]]:
+def forward_steps(pp: int, vpp: int, pp_rank: int, num_micro_batches: int, name: str = "auto") -> list[list[Action]]:
     """Evaluation's schedule: the training schedule's forwards in their order, one per step (for vpp > 1,
     groups of pp micro-batches pass through chunk 0, then chunk 1, ...), so every stage keeps busy."""
-    return [[a] for a in schedule(pp, vpp, pp_rank, num_micro_batches) if a.kind == "F"]
+    return [[a] for a in schedule(pp, vpp, pp_rank, num_micro_batches, name) if a.kind == "F"]
 
 
 @dataclass(frozen=True, order=True)
@@ -249,8 +307,10 @@ class PipelineExecutor:
         timeout: datetime.timedelta,
         dtype: torch.dtype = torch.float32,
         post=None,
+        schedule: str = "auto",
     ):
         self.chunks = chunks
+        self.schedule = resolve_schedule(schedule, len(chunks))
         self.pp = len(pp_ranks)
         self.vpp = len(chunks)
         self.pp_rank = pp_rank
@@ -306,9 +366,14 @@ class PipelineExecutor:
                 f"{me} failed {what}: {reason}; a peer process died or disagrees on the layout"
             ) from None
 
-    def _exchange(self, sends: dict[Transfer, torch.Tensor], recvs: list[Transfer]) -> dict[Transfer, torch.Tensor]:
-        """Post the sends and receives as one batch, wait for all of it, return the received tensors."""
+    def _exchange(
+        self, sends: dict[Transfer, torch.Tensor], recvs: list[Transfer], meanwhile=None
+    ) -> dict[Transfer, torch.Tensor]:
+        """Post the sends and receives as one batch, run meanwhile() (a zero-bubble step's weight passes) while it
+        is in flight, wait for all of it, return the received tensors."""
         if not sends and not recvs:
+            if meanwhile is not None:
+                meanwhile()
             return {}
         buffers = {t: torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device) for t in recvs}
 
@@ -321,6 +386,9 @@ class PipelineExecutor:
                 [(tensor, self._peer(t, True), self._tag(t)) for t, tensor in sends.items()],
                 [(buffers[t], self._peer(t, False), self._tag(t)) for t in recvs],
             )
+        if meanwhile is not None:
+            meanwhile()
+        with self._named(what):
             for work in works:  # one per operation (gloo) or one for the batch (NCCL)
                 if self.device.type == "cuda":
                     work.wait()
@@ -343,50 +411,90 @@ class PipelineExecutor:
         it holds the last one (data/batches.py); a rank holding neither only takes len(micro_batches).
         forward(chunk_module, x, labels) -> the chunk's output (the mean loss on the last stage).
         Without backward (evaluation) micro-batches only flow forward, in the training schedule's forward order.
-        loss_scale multiplies the loss before backward (fp16 loss scaling); the recorded losses are not scaled."""
+        loss_scale multiplies the loss before backward (fp16 loss scaling); the recorded losses are not scaled.
+        Under a zero-bubble schedule a step's W actions run while the step's exchange is in flight."""
         num = len(micro_batches)
-        steps = (schedule_steps if backward else forward_steps)(self.pp, self.vpp, self.pp_rank, num)
-        clock = _Clock(self.device)
-        record = self._record = StepRecord(_clock=clock)
-        saved: dict[tuple[int, int], tuple] = {}  # activations of micro-batches awaiting their backward
-
-        def exchange(step, next_step):
-            sends, recvs = step_exchange(step, next_step, self.pp, self.vpp, self.pp_rank)
-            return self._exchange({t: self._outgoing(outputs.pop(t), t) for t in sends}, recvs)
-
-        outputs: dict[Transfer, torch.Tensor] = {}
-        received = exchange([], steps[0])
+        steps = (schedule_steps if backward else forward_steps)(self.pp, self.vpp, self.pp_rank, num, self.schedule)
+        self._record = StepRecord(_clock=_Clock(self.device))
+        self._saved: dict[tuple[int, int], tuple] = {}  # activations of micro-batches awaiting their backward
+        self._weight_work: dict[tuple[int, int], WeightGradQueue] = {}  # zero-bubble: what each B left for W
+        self._outputs: dict[Transfer, torch.Tensor] = {}  # what the step produced for the neighbours
+        self._alive: set[tuple[int, int]] = set()
+        self._received = self._exchange_after([], steps[0])
         for i, step in enumerate(steps):
             for action in step:
-                chunk, m = action.chunk, action.micro_batch
-                stage = self._stage(chunk)
                 if action.kind == "F":
-                    if stage == 0:
-                        x = micro_batches[m].inputs
-                    else:
-                        x = received.pop(Transfer("F", stage, m)).requires_grad_(backward)
-                    labels = micro_batches[m].labels if stage == self.last_stage else None
-                    start = clock.mark()
-                    with torch.set_grad_enabled(backward):
-                        y = forward(self.chunks[chunk], x, labels)
-                    record._marks.append((action, start, clock.mark()))
-                    if stage == self.last_stage:
-                        record.losses.append(y.detach())
-                    else:
-                        outputs[Transfer("F", stage + 1, m)] = y.detach()
-                    if backward:
-                        saved[(chunk, m)] = (x, y)
-                        record.max_alive = max(record.max_alive, len(saved))
-                else:
-                    x, y = saved.pop((chunk, m))
-                    start = clock.mark()
-                    if stage == self.last_stage:
-                        # Each micro-batch's mean loss weighs 1 / num.
-                        torch.autograd.backward(y * loss_scale / num)
-                    else:
-                        torch.autograd.backward(y, received.pop(Transfer("B", stage, m)))
-                    record._marks.append((action, start, clock.mark()))
-                    if stage > 0:
-                        outputs[Transfer("B", stage - 1, m)] = x.grad
-            received.update(exchange(step, steps[i + 1] if i + 1 < len(steps) else None))
-        return record
+                    self._forward(action, micro_batches, forward, backward)
+                elif action.kind == "B":
+                    self._backward(action, loss_scale, num)
+            weights = [action for action in step if action.kind == "W"]
+
+            def meanwhile(weights=weights):  # while the step's exchange is in flight
+                for action in weights:
+                    self._weights(action)
+
+            next_step = steps[i + 1] if i + 1 < len(steps) else None
+            self._received.update(self._exchange_after(step, next_step, meanwhile if weights else None))
+        return self._record
+
+    def _exchange_after(self, step, next_step, meanwhile=None) -> dict[Transfer, torch.Tensor]:
+        sends, recvs = step_exchange(step, next_step, self.pp, self.vpp, self.pp_rank)
+        return self._exchange({t: self._outgoing(self._outputs.pop(t), t) for t in sends}, recvs, meanwhile)
+
+    def _timed(self, action: Action, compute):
+        start = self._record._clock.mark()
+        result = compute()
+        self._record._marks.append((action, start, self._record._clock.mark()))
+        return result
+
+    def _hold(self, key: tuple[int, int], alive: bool) -> None:
+        """Count a micro-batch's activations held on this chunk from its forward until its backward (or W)."""
+        if alive:
+            self._alive.add(key)
+        else:
+            self._alive.discard(key)
+        self._record.max_alive = max(self._record.max_alive, len(self._alive))
+
+    def _forward(self, action: Action, micro_batches: Sequence, forward, backward: bool) -> None:
+        chunk, m = action.chunk, action.micro_batch
+        stage = self._stage(chunk)
+        if stage == 0:
+            x = micro_batches[m].inputs
+        else:
+            x = self._received.pop(Transfer("F", stage, m)).requires_grad_(backward)
+        labels = micro_batches[m].labels if stage == self.last_stage else None
+        with torch.set_grad_enabled(backward):
+            y = self._timed(action, lambda: forward(self.chunks[chunk], x, labels))
+        if stage == self.last_stage:
+            self._record.losses.append(y.detach())
+        else:
+            self._outputs[Transfer("F", stage + 1, m)] = y.detach()
+        if backward:
+            self._saved[(chunk, m)] = (x, y)
+            self._hold((chunk, m), True)
+
+    def _backward(self, action: Action, loss_scale: float, num: int) -> None:
+        """B: the whole backward, or under a zero-bubble schedule the input gradients, queueing the weights' for W."""
+        chunk, m = action.chunk, action.micro_batch
+        stage = self._stage(chunk)
+        x, y = self._saved.pop((chunk, m))
+        if stage == self.last_stage:
+            # Each micro-batch's mean loss weighs 1 / num (times the fp16 loss scale).
+            roots, grads = y * loss_scale / num, None
+        else:
+            roots, grads = y, self._received.pop(Transfer("B", stage, m))
+        if self.schedule in ZERO_BUBBLE:
+            queue = self._weight_work[(chunk, m)] = WeightGradQueue()
+            with deferring(queue):
+                self._timed(action, lambda: torch.autograd.backward(roots, grads))
+        else:
+            self._timed(action, lambda: torch.autograd.backward(roots, grads))
+            self._hold((chunk, m), False)
+        if stage > 0:
+            self._outputs[Transfer("B", stage - 1, m)] = x.grad
+
+    def _weights(self, action: Action) -> None:
+        """W: the weight gradients the micro-batch's B queued."""
+        key = (action.chunk, action.micro_batch)
+        self._timed(action, self._weight_work.pop(key).run)
+        self._hold(key, False)

@@ -23,6 +23,7 @@ from megagpt.parallel.comm import (
 )
 from megagpt.parallel.context import Group
 from megagpt.parallel.params import update_spec
+from megagpt.parallel.weight_grads import add_bias, defer, embedding, has_deferred_queue, linear
 
 
 def divide(n: int, parts: int, what: str) -> int:
@@ -54,18 +55,25 @@ class _SequenceParallelColumnLinear(torch.autograd.Function):
     sequence-parallel column linear). Letting autograd save F.linear's input would keep the gathered
     full-sequence copy (b, s, in) alive on every rank between forward and backward, undoing what sequence
     parallelism saves. Backward gathers the shard again while it computes the input gradient (which does not
-    need it), then reduce-scatters that gradient back to shards while it computes the weight gradient."""
+    need it), then reduce-scatters that gradient back to shards while it computes the weight gradient.
+
+    Under a zero-bubble B (weight_grads.py) backward computes only the input gradient, and W gathers the shard
+    again for the weight gradient: keeping the gathered input from B to W would hold the full sequence for
+    every micro-batch waiting for its W, the memory sequence parallelism exists to save."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, group):  # x (b, s/tp, in) -> (b, s, out/tp)
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.has_bias = group, bias is not None
+        ctx.weight, ctx.bias = weight, bias  # the tensors as received, for a zero-bubble W's autograd call
         return F.linear(all_gather(x, 1, group), weight, bias)  # the gathered input dies here
 
     @staticmethod
     def backward(ctx, grad):  # grad (b, s, out/tp)
         x, weight = ctx.saved_tensors
         group = ctx.group
+        if has_deferred_queue():
+            return _sequence_parallel_input_grad(ctx, x, weight, grad)
         full, gathering = all_gather(x, 1, group, async_op=True)  # (b, s, in), filled in the background
         grad_full = grad.matmul(weight)  # (b, s, in): partial sums over this rank's outputs
         wait(gathering, "all-gather (sequence-parallel input, backward)", group)
@@ -75,6 +83,21 @@ class _SequenceParallelColumnLinear(torch.autograd.Function):
         grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         wait(scattering, "reduce-scatter (sequence-parallel input gradient)", group)
         return grad_x, grad_weight, grad_bias, None
+
+
+def _sequence_parallel_input_grad(ctx, x, weight, grad):
+    """B of the sequence-parallel column linear: the input gradient now, the weight gradient queued for W."""
+    group, bias = ctx.group, ctx.bias
+    grad_x = reduce_scatter(grad.matmul(weight), 1, group)  # (b, s/tp, in)
+
+    def compute():
+        rows = grad.reshape(-1, grad.shape[-1])  # (b*s, out/tp)
+        full = all_gather(x, 1, group)  # (b, s, in): every tp rank runs its W in the same order
+        yield ctx.weight, rows.t().matmul(full.reshape(-1, full.shape[-1])) if ctx.needs_input_grad[1] else None
+        yield bias, rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+
+    defer(compute)
+    return grad_x, None, None, None
 
 
 def sequence_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: Group):
@@ -111,10 +134,13 @@ class ColumnParallelLinear(nn.Module):
         )
         self.bias = mark_tensor_parallel(nn.Parameter(torch.zeros(out_per_rank)), partition_dim=0) if bias else None
 
+    split_backward = False  # zero-bubble schedules: weight gradients wait for W (weight_grads.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in) or (b, s/tp, in) -> (b, s, out/tp)
         if self.sequence_parallel:
             return sequence_parallel_linear(x, self.weight, self.bias, self.group)
-        return F.linear(copy_to_group(x, self.group), self.weight, self.bias)
+        x = copy_to_group(x, self.group)
+        return linear(x, self.weight, self.bias) if self.split_backward else F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -145,10 +171,14 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             update_spec(self.bias, sequence_parallel=sequence_parallel)
 
+    split_backward = False  # zero-bubble schedules: weight gradients wait for W (weight_grads.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, s, in/tp) -> (b, s, out) or (b, s/tp, out)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight) if self.split_backward else F.linear(x, self.weight)
         y = reduce_scatter_to_sequence(y, self.group) if self.sequence_parallel else reduce_from_group(y, self.group)
-        return y + self.bias if self.bias is not None else y
+        if self.bias is None:
+            return y
+        return add_bias(y, self.bias) if self.split_backward else y + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -180,13 +210,18 @@ class VocabParallelEmbedding(nn.Module):
             nn.Parameter(full[self.vocab_start : self.vocab_end].clone()), partition_dim=0
         )
 
+    split_backward = False  # zero-bubble schedules: the weight gradient waits for W (weight_grads.py)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return embedding(ids, self.weight) if self.split_backward else F.embedding(ids, self.weight)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (b, s) -> (b, s, h), or (b, s/tp, h) sequence-parallel
         if self.group.size == 1:
-            return F.embedding(ids, self.weight)
+            return self.lookup(ids)
         # Ids outside this rank's range look up row 0 and are zeroed; the all-reduce fills them from their owner.
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        out = self.lookup(local).masked_fill(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
             return reduce_scatter_to_sequence(out, self.group)  # (b, s/tp, h)
         return reduce_from_group(out, self.group)

@@ -97,6 +97,7 @@ def build_executor(cfg: Config, ctx: ParallelContext, chunks: torch.nn.ModuleLis
         device=ctx.device,
         timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
         dtype=compute_dtype(cfg.train.precision),
+        schedule=cfg.parallel.pp_schedule,
     )
 
 

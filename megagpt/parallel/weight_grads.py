@@ -1,0 +1,201 @@
+"""Backward split in two for the zero-bubble pipeline schedules: B computes the input gradients, W the weights'.
+
+A zero-bubble schedule (parallel/pipeline.py, zb-h1 and zb-h2) runs a micro-batch's backward as B, on the critical
+path (the previous stage waits for its input gradient), and W later, in time the stage would otherwise spend
+waiting. Nothing is computed twice: during B each layer with weights computes its input gradient and queues a
+record of what its weight gradient needs (a linear's input and output gradient, LayerNorm's normalized input and
+output gradient, the embedding's indices and output gradient); W drains the queue.
+
+    queue = WeightGradQueue()
+    with deferring(queue):
+        torch.autograd.backward(y, grad_y)   # B: input gradients; the layers' weight-gradient work goes to queue
+    ...
+    queue.run()                              # W: the weight gradients, accumulated like any backward's
+
+W hands its gradients to autograd (torch.autograd.backward on the weights as the layers received them), so they
+reach each parameter's .grad through the same AccumulateGrad as a plain backward, and the gradient buckets'
+post-accumulate hooks (data_parallel.py) fire on them: every gradient is counted once, and a bucket's reduction
+starts as soon as the W work of its last parameter is done.
+
+The layers opt in with `split_backward` (set by `enable_split_backward` for the zero-bubble schedules only); without
+it they run the plain torch ops, exactly as before. A split layer whose backward runs without a queue (no B of a
+zero-bubble schedule is running) computes its weight gradient at once, as a plain backward would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+WeightGrads = Iterable[tuple[torch.Tensor, torch.Tensor | None]]  # (weight as the layer received it, its gradient)
+
+# The queue the running B appends to. Module-level on purpose: autograd runs a CUDA backward on its own device
+# threads, where a thread-local would not be seen; B itself is one synchronous call on the main thread.
+_active: list[WeightGradQueue] = []
+
+
+class WeightGradQueue:
+    """The deferred weight-gradient work of one (model chunk, micro-batch), in the order B produced it."""
+
+    def __init__(self):
+        self.work: list[Callable[[], WeightGrads]] = []
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+    def run(self) -> None:
+        """W: compute every queued weight gradient and accumulate it (one autograd call, one gradient per weight)."""
+        grads: dict[torch.Tensor, torch.Tensor] = {}
+        for compute in self.work:
+            for weight, grad in compute():
+                if grad is not None:
+                    grads[weight] = grad if weight not in grads else grads[weight] + grad
+        self.work.clear()
+        if grads:
+            torch.autograd.backward(list(grads), list(grads.values()))
+
+
+@contextlib.contextmanager
+def deferring(queue: WeightGradQueue):
+    """Within the block, split layers queue their weight-gradient work on `queue` instead of computing it."""
+    _active.append(queue)
+    try:
+        yield queue
+    finally:
+        _active.pop()
+
+
+def has_deferred_queue() -> bool:
+    """Whether a zero-bubble B is running (layers with their own backward then leave their weight gradients to W)."""
+    return bool(_active)
+
+
+def defer(compute: Callable[[], WeightGrads]) -> bool:
+    """Queue `compute` on the B running now; False when none runs (the caller then computes the gradients itself)."""
+    if not _active:
+        return False
+    _active[-1].work.append(compute)
+    return True
+
+
+def weight_grads_now_or_later(compute: Callable[[], WeightGrads], wanted: int) -> tuple:
+    """For a split layer's backward: () x wanted Nones when the work was queued, else the gradients computed now."""
+    if defer(compute):
+        return (None,) * wanted
+    return tuple(grad for _, grad in compute())
+
+
+def enable_split_backward(model: torch.nn.Module) -> None:
+    """Make every layer of `model` that holds weights split its backward into B and W (see the module docstring)."""
+    for module in model.modules():
+        if hasattr(module, "split_backward"):
+            module.split_backward = True
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _wants(tensor: torch.Tensor | None) -> bool:
+    return tensor is not None and tensor.requires_grad
+
+
+class _Linear(torch.autograd.Function):
+    """y = x W^T + b; B: grad_x = grad W; W: grad_W = grad^T x, grad_b = sum of grad."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.bias = weight, bias  # the tensors as received, for W's autograd call
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        weight, bias = ctx.weight, ctx.bias
+        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+
+        def compute():
+            rows = _rows(grad)
+            yield weight, rows.t().matmul(_rows(x)) if _wants(weight) else None
+            yield bias, rows.sum(0) if _wants(bias) else None
+
+        return (grad_x, *weight_grads_now_or_later(compute, 2))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear whose weight and bias gradients wait for W under a zero-bubble B."""
+    return _Linear.apply(x, weight, bias)
+
+
+class _AddBias(torch.autograd.Function):
+    """y + b over the last dim; B passes the gradient through, W sums it for b."""
+
+    @staticmethod
+    def forward(ctx, y, bias):
+        ctx.bias = bias
+        return y + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        bias = ctx.bias
+        return (grad, *weight_grads_now_or_later(lambda: [(bias, _rows(grad).sum(0))], 1))
+
+
+def add_bias(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return _AddBias.apply(y, bias)
+
+
+class _Embedding(torch.autograd.Function):
+    """F.embedding(ids, W); indices have no gradient, so all of the backward is W's: scatter-add the rows."""
+
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids)
+        ctx.weight = weight
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        weight = ctx.weight
+
+        def compute():
+            full = torch.zeros(weight.shape, dtype=grad.dtype, device=grad.device)
+            yield weight, full.index_add_(0, ids.reshape(-1), _rows(grad))
+
+        return (None, *weight_grads_now_or_later(compute, 1))
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _Embedding.apply(ids, weight)
+
+
+class _Affine(torch.autograd.Function):
+    """LayerNorm's elementwise affine, xhat * w + b; B: grad_xhat = grad * w; W: sums of grad * xhat and grad."""
+
+    @staticmethod
+    def forward(ctx, xhat, weight, bias):
+        ctx.save_for_backward(xhat)
+        ctx.weight, ctx.bias = weight, bias
+        return torch.addcmul(bias, xhat, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (xhat,) = ctx.saved_tensors
+        weight, bias = ctx.weight, ctx.bias
+
+        def compute():
+            rows = _rows(grad)
+            yield weight, (rows * _rows(xhat)).sum(0) if _wants(weight) else None
+            yield bias, rows.sum(0) if _wants(bias) else None
+
+        return (grad * weight, *weight_grads_now_or_later(compute, 2))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """Layer norm as normalization (its own torch backward, all of it B) followed by the split affine."""
+    return _Affine.apply(F.layer_norm(x, weight.shape, None, None, eps), weight, bias)

@@ -1,0 +1,99 @@
+"""The zero-bubble backward split (parallel/weight_grads.py), one process: B computes the input gradients and no
+weight gradient, W the weight gradients, and together they equal one plain backward, for every layer with weights
+(linears, biases, LayerNorms, both embeddings, the output layer) and every recompute mode. The tensor- and
+sequence-parallel layers are checked in tests/distributed/test_zero_bubble.py."""
+
+import pytest
+import torch
+
+from megagpt.model.gpt import GPT
+from megagpt.parallel.context import ParallelContext
+from megagpt.parallel.weight_grads import WeightGradQueue, deferring, enable_split_backward
+from tests.conftest import tiny_config
+
+VOCAB, SEQ = 101, 16
+
+
+def stage(split: bool, recompute: str, pre: bool, post: bool, dropout: float) -> GPT:
+    cfg = tiny_config(
+        "model.num_layers=2",
+        "model.hidden_size=32",
+        "model.num_heads=4",
+        f"model.seq_length={SEQ}",
+        f"model.vocab_size={VOCAB}",
+        f"model.dropout={dropout}",
+    )
+    group = ParallelContext.single_process().tp_group
+    torch.manual_seed(0)
+    model = GPT(cfg.model, group, pre_process=pre, post_process=post, init_seed=7, recompute=recompute).double()
+    if split:
+        enable_split_backward(model)
+    return model
+
+
+def run(model: GPT, x, labels, queue: WeightGradQueue | None):
+    torch.manual_seed(1)  # the same dropout masks in both models
+    x = x.detach().requires_grad_(x.is_floating_point())
+    y = model(x, labels)
+    grad = None if labels is not None else torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    if queue is None:
+        torch.autograd.backward(y, grad)
+    else:
+        with deferring(queue):
+            torch.autograd.backward(y, grad)
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("pre, post", [(True, False), (False, False), (False, True), (True, True)])
+def test_b_then_w_equals_one_backward_and_b_computes_no_weight_gradient(recompute, pre, post):
+    tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(3))
+    x = tokens[:, :-1] if pre else torch.randn(2, SEQ, 32, dtype=torch.float64)
+    labels = tokens[:, 1:] if post else None
+    plain, split = stage(False, recompute, pre, post, 0.1), stage(True, recompute, pre, post, 0.1)
+
+    y_ref, x_grad_ref = run(plain, x, labels, None)
+    queue = WeightGradQueue()
+    y, x_grad = run(split, x, labels, queue)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=0)
+    if not pre:
+        torch.testing.assert_close(x_grad, x_grad_ref, rtol=1e-10, atol=1e-14)
+    # B left every weight gradient to W, but the fused output layer's (model/loss.py computes it in the forward).
+    early = {name for name, p in split.named_parameters() if p.grad is not None}
+    assert early == ({"wte.weight"} if post else set()), early
+    assert len(queue) > 0
+    queue.run()
+    assert len(queue) == 0
+    reference = dict(plain.named_parameters())
+    for name, param in split.named_parameters():
+        assert param.grad is not None, name
+        torch.testing.assert_close(param.grad, reference[name].grad, rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_a_split_layer_without_a_running_b_computes_its_weight_gradients_at_once():
+    tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(4))
+    plain, split = stage(False, "none", True, True, 0.0), stage(True, "none", True, True, 0.0)
+    run(plain, tokens[:, :-1], tokens[:, 1:], None)
+    run(split, tokens[:, :-1], tokens[:, 1:], None)
+    reference = dict(plain.named_parameters())
+    for name, param in split.named_parameters():
+        torch.testing.assert_close(param.grad, reference[name].grad, rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_w_gradients_reach_the_post_accumulate_hooks_once_per_weight():
+    """The gradient buckets learn a gradient is ready from post-accumulate hooks (data_parallel.py). Autograd runs
+    them in B too, with no gradient (the split layers return none for their weights): the buckets skip those."""
+    model = stage(True, "none", False, False, 0.0)
+    fired = []
+
+    def hook(param, name):
+        if param.grad is not None:
+            fired.append(name)
+
+    for name, param in model.named_parameters():
+        param.register_post_accumulate_grad_hook(lambda p, name=name: hook(p, name))
+    queue = WeightGradQueue()
+    run(model, torch.randn(2, SEQ, 32, dtype=torch.float64), None, queue)
+    assert fired == []
+    queue.run()
+    assert sorted(fired) == sorted(name for name, _ in model.named_parameters())
