@@ -92,6 +92,7 @@ def record(
     backward: bool,
     one_work_per_batch: bool = True,
     executor_class=PipelineExecutor,
+    schedule: str = "auto",
 ) -> Program:
     program = Program(pp_rank)
     chunks = [torch.nn.Parameter(torch.tensor(1.0)) for _ in range(vpp)]
@@ -104,6 +105,7 @@ def record(
         torch.device("cpu"),
         datetime.timedelta(seconds=1),
         post=recording_post(program, one_work_per_batch),
+        schedule=schedule,
     )
     micro_batches = [MicroBatch.of(torch.zeros(1, seq + 1, dtype=torch.long)) for _ in range(num_micro_batches)]
     executor.run(micro_batches, _fake_forward, backward=backward)
@@ -196,7 +198,11 @@ def check_pipeline(
     backward: bool,
     one_work_per_batch: bool = True,
     executor_class=PipelineExecutor,
+    schedule: str = "auto",
 ) -> list[Program]:
-    programs = [record(pp, vpp, r, num_micro_batches, backward, one_work_per_batch, executor_class) for r in range(pp)]
+    programs = [
+        record(pp, vpp, r, num_micro_batches, backward, one_work_per_batch, executor_class, schedule)
+        for r in range(pp)
+    ]
     replay(programs)
     return programs

@@ -26,6 +26,15 @@ def test_every_schedule_completes_under_nccl_rules(pp):
                 check_pipeline(pp, vpp, m, backward, one_work_per_batch=True)
 
 
+@pytest.mark.parametrize("pp", range(2, 17))
+def test_zero_bubble_schedules_complete_under_nccl_rules(pp):
+    """A W rides with the step before it, inside that step's exchange: the pairing is 1F1B's."""
+    for name in ("zb-h1", "zb-h2"):
+        for m in micro_batch_counts(pp, 1):
+            check_pipeline(pp, 1, m, backward=True, one_work_per_batch=True, schedule=name)
+    check_pipeline(pp, 1, pp, backward=False, schedule="zb-h2")  # evaluation runs the forwards alone
+
+
 @pytest.mark.parametrize("pp, vpp, m", [(2, 1, 5), (2, 2, 4), (4, 2, 8), (3, 4, 6)])
 def test_every_schedule_completes_with_a_work_per_operation(pp, vpp, m):
     """gloo's handles (one per operation) are all waited for too."""

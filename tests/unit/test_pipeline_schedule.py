@@ -4,7 +4,14 @@ import itertools
 
 import pytest
 
-from megagpt.parallel.pipeline import Action, max_alive_promised, schedule, stage_layers, virtual_stage
+from megagpt.parallel.pipeline import (
+    Action,
+    max_alive_promised,
+    schedule,
+    schedule_steps,
+    stage_layers,
+    virtual_stage,
+)
 
 CASES = [
     (1, 1, 4),
@@ -34,13 +41,22 @@ def test_every_layer_is_in_exactly_one_chunk_in_order(layers, pp, vpp):
 
 
 def alive_counts(actions):
-    alive, counts = set(), []
+    """Activations held after each action: from a forward to its backward, or to its W where the schedule splits
+    the backward (B then needs its forward, W its B)."""
+    split = any(action.kind == "W" for action in actions)
+    alive, backed, counts = set(), set(), []
     for action in actions:
         key = (action.chunk, action.micro_batch)
         if action.kind == "F":
             alive.add(key)
+        elif action.kind == "B":
+            assert key in alive and key not in backed  # a backward needs its forward first
+            backed.add(key)
+            if not split:
+                alive.remove(key)
         else:
-            alive.remove(key)  # a backward needs its forward first
+            assert key in backed  # W needs its B
+            alive.remove(key)
         counts.append(len(alive))
     return counts
 
@@ -79,11 +95,12 @@ def test_the_phases_read_as_warmup_steady_cooldown():
     assert [repr(a) for a in schedule(2, 2, 0, 4)][:5] == ["F0.0", "F0.1", "F1.0", "F1.1", "F0.2"]
 
 
-def simulate(pp, vpp, m):
+def simulate(pp, vpp, m, name="auto"):
     """Run all ranks' schedules with the executor's semantics (sends never block, receives wait for their
-    message). Returns each channel's send order and receive order; fails on a deadlock."""
+    message; W neither sends nor receives). Returns each channel's send order and receive order; fails on a
+    deadlock."""
     last = pp * vpp - 1
-    lists = [schedule(pp, vpp, r, m) for r in range(pp)]
+    lists = [schedule(pp, vpp, r, m, name) for r in range(pp)]
     position = [0] * pp
     delivered = set()
     sent, received = {}, {}
@@ -124,3 +141,83 @@ def test_schedules_never_deadlock_and_keep_each_channel_in_order(pp, vpp, m):
     for channel in sent:
         # Messages arrive in the order they were sent on every channel, as backends without tags require.
         assert sent[channel] == received[channel], channel
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Zero-bubble schedules (vpp = 1): F, B (input gradients) and W (weight gradients) of every micro-batch
+
+ZB_CASES = [(2, 1), (2, 2), (2, 4), (2, 8), (3, 6), (4, 2), (4, 4), (4, 9), (8, 16)]
+
+
+@pytest.mark.parametrize("name", ["zb-h1", "zb-h2"])
+@pytest.mark.parametrize("pp, m", ZB_CASES)
+def test_zero_bubble_schedules_run_everything_once_within_their_memory_bound(name, pp, m):
+    peaks = []
+    for rank in range(pp):
+        actions = schedule(pp, 1, rank, m, name)
+        expected = {Action(kind, 0, mb) for kind in "FBW" for mb in range(m)}
+        assert len(actions) == len(expected) and set(actions) == expected
+        counts = alive_counts(actions)
+        assert counts[-1] == 0
+        assert max(counts) <= max_alive_promised(pp, 1, rank, m, name)
+        peaks.append(max(counts))
+    # The promises are tight: ZB-H1 holds 1F1B's peak, pp, on every stage; ZB-H2 2 pp - 1 - r on stage r.
+    assert peaks == [max_alive_promised(pp, 1, r, m, name) for r in range(pp)]
+    if name == "zb-h1":
+        assert max(peaks) == max(max_alive_promised(pp, 1, r, m, "1f1b") for r in range(pp))
+
+
+def test_zero_bubble_phases_read_as_warmup_steady_cooldown():
+    # ZB-H1, last of 4 stages: no warm-up; its W's lag 3 behind their B's and fill the cool-down.
+    assert " ".join(map(repr, schedule(4, 1, 3, 6, "zb-h1"))) == (
+        "F0.0 B0.0 F0.1 B0.1 F0.2 B0.2 F0.3 B0.3 W0.0 F0.4 B0.4 W0.1 F0.5 B0.5 W0.2 W0.3 W0.4 W0.5"
+    )
+    # First stage: 1F1B's warm-up, then each B's W right after it.
+    assert " ".join(map(repr, schedule(4, 1, 0, 6, "zb-h1"))) == (
+        "F0.0 F0.1 F0.2 F0.3 B0.0 W0.0 F0.4 B0.1 W0.1 F0.5 B0.2 W0.2 B0.3 W0.3 B0.4 W0.4 B0.5 W0.5"
+    )
+    # ZB-H2 runs 2 (pp - r - 1) forwards before the steady state.
+    assert [repr(a) for a in schedule(4, 1, 0, 8, "zb-h2")][:8] == [f"F0.{m}" for m in range(7)] + ["B0.0"]
+    # A W rides with the step before it: steps still start with one F or B each (the exchange rhythm of 1F1B).
+    steps = schedule_steps(4, 1, 3, 6, "zb-h1")
+    assert all(step[0].kind in "FB" and all(a.kind == "W" for a in step[1:]) for step in steps)
+    assert [[repr(a) for a in step] for step in steps][7:9] == [["B0.3", "W0.0"], ["F0.4"]]
+
+
+@pytest.mark.parametrize("name", ["zb-h1", "zb-h2"])
+@pytest.mark.parametrize("pp, m", ZB_CASES)
+def test_zero_bubble_schedules_never_deadlock_and_keep_each_channel_in_order(name, pp, m):
+    sent, received = simulate(pp, 1, m, name)
+    assert sent.keys() == received.keys()
+    for channel in sent:
+        assert sent[channel] == received[channel], channel
+
+
+def idle_per_stage(pp, m, name, f, b, w):
+    """Each stage's waiting in one step, at compute times f, b and w and free transfers (the step ends when the
+    last stage does: the loss and gradient-norm reductions close every step). 1F1B's B is b + w."""
+    lists = [schedule(pp, 1, r, m, name) for r in range(pp)]
+    cost = {"F": f, "B": b if name.startswith("zb") else b + w, "W": w}
+    end, clock, position = {}, [0.0] * pp, [0] * pp
+    while any(position[r] < len(lists[r]) for r in range(pp)):
+        for r in range(pp):
+            while position[r] < len(lists[r]):
+                a = lists[r][position[r]]
+                need = ("F", r - 1, a.micro_batch) if a.kind == "F" and r > 0 else None
+                need = ("B", r + 1, a.micro_batch) if a.kind == "B" and r < pp - 1 else need
+                if need and need not in end:
+                    break
+                clock[r] = max(clock[r], end.get(need, 0.0)) + cost[a.kind]
+                end[(a.kind, r, a.micro_batch)] = clock[r]
+                position[r] += 1
+    return [max(clock) - m * (f + b + w) for _ in range(pp)]
+
+
+@pytest.mark.parametrize("pp, m", [(2, 4), (4, 8), (8, 16)])
+def test_zero_bubble_h1_cuts_the_bubble_to_f_plus_b_minus_w_per_stage(pp, m):
+    """Qi et al.'s numbers: 1F1B idles (pp - 1)(F + B + W) per step, ZB-H1 (pp - 1)(F + B - W), a third of it
+    at equal times; ZB-H2 no more than ZB-H1 (within one synchronized step neither can beat (pp - 1) F)."""
+    for f, b, w in [(1.0, 1.0, 1.0), (1.0, 1.5, 0.5)]:
+        assert idle_per_stage(pp, m, "1f1b", f, b, w) == pytest.approx([(pp - 1) * (f + b + w)] * pp)
+        assert idle_per_stage(pp, m, "zb-h1", f, b, w) == pytest.approx([(pp - 1) * (f + b - w)] * pp)
+        assert idle_per_stage(pp, m, "zb-h2", f, b, w) <= idle_per_stage(pp, m, "zb-h1", f, b, w)
