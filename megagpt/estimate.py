@@ -34,7 +34,11 @@ Step time, two ways, by what the user knows:
   no bubble added, since a measured throughput already contains it. Its FLOP convention must be stated:
   "hardware" (the default; Narayanan et al. 2021's 140 TFLOP/s count the forward that recomputation repeats,
   their eq. (3)) or "model" (recomputation not counted).
-Pipeline bubble: (pp - 1) / (vpp m), m = micro-batches per step per replica.
+Pipeline bubble: (pp - 1) / m for 1F1B, (pp - 1) / (vpp m) interleaved, (pp - 1) / (3 m) for the zero-bubble
+zb-h1 and zb-h2 (pipeline.predicted_bubble), m = micro-batches per step per replica. Their activations: ZB-H1
+holds up to pp micro-batches on every stage (1F1B's peak, on the first), ZB-H2 up to 2 pp - 1 - r on stage r,
+each counted whole until its weight-gradient pass (an upper bound: after the input-gradient pass only what the
+weight gradients need is left).
 """
 
 from __future__ import annotations
@@ -45,7 +49,13 @@ from megagpt.config import Config, data_parallel_size, max_positions, padded_voc
 from megagpt.model.blocked_attention import default_block_size, key_window_rows
 from megagpt.model.facts import compute_dtype, layer_kinds, layer_parameters, layer_window, num_parameters
 from megagpt.model.loss import ROW_BLOCK
-from megagpt.parallel.pipeline import max_alive_promised, stage_layers, virtual_stage
+from megagpt.parallel.pipeline import (
+    max_alive_promised,
+    predicted_bubble,
+    resolve_schedule,
+    stage_layers,
+    virtual_stage,
+)
 from megagpt.train.schedules import total_train_samples
 
 # Dense bf16 matmul peaks (TFLOP/s, no sparsity) of the GPUs the tool knows.
@@ -168,7 +178,9 @@ def stage_estimate(cfg: Config, world_size: int, stage: int, micro_batches: int 
         for layer in stage_layers(m.num_layers, pp, vpp, stage, chunk):
             window = layer_window(m, layer)
             per_layer[layer] = layer_activation_elements(cfg, tp, sp, window, micro)
-    held = max_alive_promised(pp, vpp, stage, m_steps)  # (chunk, micro-batch) activations alive at once
+    # (chunk, micro-batch) activations alive at once; under a zero-bubble schedule counted whole until their W
+    # (after B only the weight-gradient inputs remain), an upper bound
+    held = max_alive_promised(pp, vpp, stage, m_steps, p.pp_schedule)
     chunks = vpp
     elements = sum(e for e, _ in per_layer.values()) / chunks * held
     mask_bytes = sum(k for _, k in per_layer.values()) / chunks * held
@@ -264,7 +276,7 @@ def estimate(
     fullest = max(stages, key=lambda st: st.total_bytes)
     flops, hardware_flops = model_flops_per_step(cfg), hardware_flops_per_step(cfg)
     peak = GPU_PEAK_TFLOPS[gpu] * 1e12
-    bubble = (p.pp - 1) / (p.vpp * micro_batches) if p.pp > 1 else 0.0
+    bubble = predicted_bubble(p.pp_schedule, p.pp, p.vpp, micro_batches)
     if tflops_per_gpu is None:
         step_seconds = flops / (world_size * peak * mfu) * (1 + bubble)
     else:
@@ -276,7 +288,8 @@ def estimate(
     tokens = tokens if tokens is not None else total_train_samples(t) * m.seq_length
     steps = tokens / (t.global_batch_size * m.seq_length)
     return {
-        "layout": {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "dp": dp, "world_size": world_size, "zero": p.zero,
+        "layout": {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "pp_schedule": resolve_schedule(p.pp_schedule, p.vpp),
+                   "dp": dp, "world_size": world_size, "zero": p.zero,
                    "sequence_parallel": p.sequence_parallel, "recompute": p.recompute},
         "params_total": model_params(cfg, p.tp),
         "params_real_vocab": model_params(cfg, 1) - (padded_vocab_size(m, 1) - m.vocab_size) * m.hidden_size,
@@ -318,7 +331,8 @@ def report(result: dict) -> str:
     """The estimate as text."""
     lay, mem = result["layout"], result["memory_per_gpu_bytes"]
     lines = [
-        f"layout: tp {lay['tp']} x pp {lay['pp']} (vpp {lay['vpp']}) x dp {lay['dp']} = {lay['world_size']} GPUs, "
+        f"layout: tp {lay['tp']} x pp {lay['pp']} (vpp {lay['vpp']}, {lay['pp_schedule']}) x dp {lay['dp']} = "
+        f"{lay['world_size']} GPUs, "
         f"zero {lay['zero']}, sequence parallel {lay['sequence_parallel']}, recompute {lay['recompute']}",
         f"parameters: {result['params_total'] / 1e9:.3f}B with the padded vocabulary "
         f"({result['params_real_vocab'] / 1e9:.3f}B with the real one); per rank by stage: "

@@ -20,6 +20,7 @@ from megagpt.launch import discover_launch, resolve_device, set_cpu_threads
 from megagpt.log import get_logger, setup_logging
 from megagpt.parallel.comm import shutdown
 from megagpt.parallel.context import ParallelContext
+from megagpt.parallel.pipeline import max_alive_promised, predicted_bubble, resolve_schedule
 from megagpt.parallel.topology import Topology
 
 
@@ -51,6 +52,12 @@ def dry_run(cfg, world_size: int, meta_ranks: str | None = None) -> dict:
         f"dry run: the config is valid for {world_size} ranks: tp={topology.tp} dp={topology.dp} pp={topology.pp} "
         f"vpp={cfg.parallel.vpp}, {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
         f"precision {cfg.train.precision}, zero {cfg.parallel.zero}, recompute {cfg.parallel.recompute}"
+    )
+    p, micro = cfg.parallel, cfg.train.global_batch_size // (cfg.train.micro_batch_size * topology.dp)
+    print(
+        f"pipeline schedule {resolve_schedule(p.pp_schedule, p.vpp)}: {micro} micro-batches per replica, predicted "
+        f"bubble {predicted_bubble(p.pp_schedule, p.pp, p.vpp, micro):.1%}, up to "
+        f"{max_alive_promised(p.pp, p.vpp, 0, micro, p.pp_schedule)} micro-batches' activations held on stage 0"
     )
     counts = {}
     for text in (meta_ranks or "").split(","):

@@ -178,6 +178,21 @@ def max_alive_promised(pp: int, vpp: int, pp_rank: int, num_micro_batches: int, 
     return min((pp - pp_rank - 1) * 2 + (vpp - 1) * pp + 1, num_micro_batches * vpp)
 
 
+def predicted_bubble(name: str, pp: int, vpp: int, num_micro_batches: int) -> float:
+    """The time a stage waits per unit of its compute in one step, when forward, input-gradient and weight-gradient
+    passes take equal times (Qi et al. 2023): 1F1B (pp - 1) / m, interleaved (pp - 1) / (vpp m), ZB-H1 and ZB-H2
+    (pp - 1) / (3 m). Within megagpt's step, which ends with the loss and gradient-norm reductions on every rank,
+    no schedule waits less than the last stage's warm-up, (pp - 1) forwards: ZB-H2's extra warm-up forwards
+    (its near-zero bubble in the paper comes with letting stages run into the next step, not built here) do not
+    beat ZB-H1 there (tests/unit/test_pipeline_schedule.py simulates both)."""
+    if pp == 1:
+        return 0.0
+    name = resolve_schedule(name, vpp)
+    if name in ZERO_BUBBLE:
+        return (pp - 1) / (3 * num_micro_batches)
+    return (pp - 1) / ((vpp if name == "interleaved" else 1) * num_micro_batches)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Transfers: what each step sends and receives
 

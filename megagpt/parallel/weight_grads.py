@@ -49,10 +49,11 @@ class WeightGradQueue:
     def run(self) -> None:
         """W: compute every queued weight gradient and accumulate it (one autograd call, one gradient per weight)."""
         grads: dict[torch.Tensor, torch.Tensor] = {}
-        for compute in self.work:
-            for weight, grad in compute():
-                if grad is not None:
-                    grads[weight] = grad if weight not in grads else grads[weight] + grad
+        with torch.no_grad():  # as inside backward, where the work was queued
+            for compute in self.work:
+                for weight, grad in compute():
+                    if grad is not None:
+                        grads[weight] = grad if weight not in grads else grads[weight] + grad
         self.work.clear()
         if grads:
             torch.autograd.backward(list(grads), list(grads.values()))

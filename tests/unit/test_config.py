@@ -196,3 +196,29 @@ def test_flex_attention_follows_train_device_auto(monkeypatch):
     assert "train.device=auto runs on the CPU" in _problems(*flex)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # auto means cuda on a machine with a GPU
     validate(config_from_dict({"preset": "tiny-cpu"}, flex))
+
+
+def test_pipeline_schedule_must_fit_the_chunk_layout():
+    layout = ("parallel.pp=2", "model.num_layers=4")
+    assert "parallel.pp_schedule=1f1b runs one model chunk per rank, but parallel.vpp=2" in _problems(
+        *layout, "parallel.vpp=2", "parallel.pp_schedule=1f1b", world_size=2
+    )
+    assert "parallel.pp_schedule=interleaved needs several model chunks per rank" in _problems(
+        *layout, "parallel.pp_schedule=interleaved", world_size=2
+    )
+    assert "parallel.pp_schedule=zb-h2 runs one model chunk per rank, but parallel.vpp=2" in _problems(
+        *layout, "parallel.vpp=2", "parallel.pp_schedule=zb-h2", world_size=2
+    )
+    assert "parallel.pp_schedule=zb-h1 fills the pipeline's bubble, but parallel.pp=1 has none" in _problems(
+        "parallel.pp_schedule=zb-h1"
+    )
+    assert "parallel.pp_schedule=zb-h1 is not built for parallel.zero=2" in _problems(
+        *layout, "parallel.zero=2", "parallel.pp_schedule=zb-h1", world_size=2
+    )
+    for name in ("auto", "zb-h1", "zb-h2", "1f1b"):
+        validate(config_from_dict({"preset": "tiny-cpu"}, [*layout, f"parallel.pp_schedule={name}"]), 2)
+    for name in ("auto", "interleaved"):
+        cfg = config_from_dict({"preset": "tiny-cpu"}, [*layout, "parallel.vpp=2", f"parallel.pp_schedule={name}"])
+        validate(cfg, 2)
+    with pytest.raises(ConfigError, match="must be one of 'auto', '1f1b', 'interleaved', 'zb-h1', 'zb-h2'"):
+        config_from_dict({"preset": "tiny-cpu"}, ["parallel.pp_schedule=zb-v"])

@@ -128,3 +128,30 @@ def test_the_tools_print_and_refuse():
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert refused.returncode == 2 and "rank 5 is outside the world of 2" in refused.stderr
+
+
+def test_the_estimate_and_the_dry_run_know_the_zero_bubble_schedules(gpt3_175b, capsys):
+    from megagpt.cli.train import dry_run
+
+    runs = {}
+    for name in ("auto", "zb-h1", "zb-h2"):
+        cfg = dataclasses.replace(gpt3_175b, parallel=dataclasses.replace(gpt3_175b.parallel, pp_schedule=name))
+        runs[name] = estimate(cfg, 1024)
+        dry_run(cfg, 1024)
+    micro = 1536 // 8
+    assert runs["auto"]["layout"]["pp_schedule"] == "1f1b"
+    assert runs["auto"]["pipeline_bubble"] == pytest.approx(15 / micro)
+    for name in ("zb-h1", "zb-h2"):
+        assert runs[name]["layout"]["pp_schedule"] == name
+        assert runs[name]["pipeline_bubble"] == pytest.approx(15 / (3 * micro))
+    # ZB-H1 holds 1F1B's 16 micro-batches on the first stage, and on the later ones too (counted whole until W,
+    # an upper bound); ZB-H2 2 pp - 1 = 31 on the first.
+    by_stage = {name: run["memory_by_stage_bytes"] for name, run in runs.items()}
+    assert by_stage["zb-h1"][0] == by_stage["auto"][0]
+    assert all(zb >= plain for zb, plain in zip(by_stage["zb-h1"], by_stage["auto"]))
+    assert runs["zb-h2"]["memory_per_gpu_bytes"]["micro_batches_held"] == 31
+    assert by_stage["zb-h2"][0] > by_stage["auto"][0]
+    printed = capsys.readouterr().out
+    assert "pipeline schedule 1f1b: 192 micro-batches per replica, predicted bubble 7.8%, up to 16" in printed
+    assert "pipeline schedule zb-h1: 192 micro-batches per replica, predicted bubble 2.6%, up to 16" in printed
+    assert "pipeline schedule zb-h2: 192 micro-batches per replica, predicted bubble 2.6%, up to 31" in printed
