@@ -2,11 +2,14 @@
 
     python bench/pipeline_bubble.py [--steps 3] [--hidden 256] [--seq 256]
 
-For pp = 2 and 4 (and the interleaved schedule with vpp = 2) and m micro-batches per step, every rank times its
-forward and backward compute ("busy") and the whole step ("wall"). The bubble is the waiting per unit of work,
-(wall - busy) / busy, averaged over the stages: 1F1B predicts (p - 1) / m, interleaved 1F1B (p - 1) / (v m).
-One thread per process; with pp = 4 four processes share this machine's cores, which the busy time absorbs
-as long as waiting ranks sleep.
+For pp = 2 and 4 and m = 4 and 8 micro-batches per step, one world per (pp, m) runs every schedule in turn on the
+same processes: 1F1B, interleaved 1F1B (vpp = 2), and the zero-bubble ZB-H1 and ZB-H2. Every rank times its
+compute (forwards, backwards, and the zero-bubble weight passes: "busy") and the whole step ("wall"). The bubble
+is the waiting per unit of work, (wall - busy) / busy, averaged over the stages; the prediction is
+pipeline.predicted_bubble: (p - 1) / m, (p - 1) / (v m), and (p - 1) / (3 m) for the zero-bubble schedules.
+Peak memory is the most any stage's step allocated beyond what it held before the step (the allocation tracker,
+train/memory.py), measured in one extra step. One thread per process; with pp = 4 four processes share this
+machine's cores, which the busy time absorbs as long as waiting ranks sleep.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def bubble_config(pp: int, vpp: int, m: int, steps: int, hidden: int, seq: int):
+SCHEDULES = ("1f1b", "interleaved", "zb-h1", "zb-h2")
+
+
+def bubble_config(pp: int, schedule: str, m: int, steps: int, hidden: int, seq: int):
     from megagpt.config import config_from_dict
 
     return config_from_dict(
@@ -37,34 +43,43 @@ def bubble_config(pp: int, vpp: int, m: int, steps: int, hidden: int, seq: int):
             "model.make_vocab_size_divisible_by=1",
             "train.micro_batch_size=1",
             f"train.global_batch_size={m}",
-            f"train.iters={steps + 1}",
+            f"train.iters={steps + 2}",
             f"parallel.pp={pp}",
-            f"parallel.vpp={vpp}",
+            f"parallel.vpp={2 if schedule == 'interleaved' else 1}",
+            f"parallel.pp_schedule={schedule}",
             "logging.tensorboard=false",
         ],
     )
 
 
-def _stage_worker(rank: int, world_size: int, vpp: int, m: int, steps: int, hidden: int, seq: int):
+def _stage_worker(rank: int, world_size: int, m: int, steps: int, hidden: int, seq: int):
+    """Every schedule on this rank, one after the other: {schedule: (busy s, wall s, peak bytes)}."""
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
+    from megagpt.train.memory import step_peak
     from megagpt.train.run import build_trainer
 
-    cfg = bubble_config(world_size, vpp, m, steps, hidden, seq)
     ctx = ParallelContext.initialize(Topology(1, 1, world_size), rank, torch.device("cpu"))
-    data = SyntheticDataset(m * (steps + 1), cfg.model.seq_length, cfg.model.vocab_size, 0)
-    trainer = build_trainer(cfg, ctx, data, None, None)
-    trainer.compute_gradients(m)  # warm-up
-    trainer.buckets.zero()
-    busy, wall = 0.0, 0.0
-    for _ in range(steps):
-        start = time.perf_counter()
-        _, record = trainer.compute_gradients(m)
-        wall += time.perf_counter() - start
-        busy += record.busy_s
+    results = {}
+    for schedule in SCHEDULES:
+        cfg = bubble_config(world_size, schedule, m, steps, hidden, seq)
+        data = SyntheticDataset(m * (steps + 2), cfg.model.seq_length, cfg.model.vocab_size, 0)
+        trainer = build_trainer(cfg, ctx, data, None, None)
+        trainer.compute_gradients(m)  # warm-up
         trainer.buckets.zero()
-    return busy, wall
+        busy, wall = 0.0, 0.0
+        for _ in range(steps):
+            start = time.perf_counter()
+            _, record = trainer.compute_gradients(m)
+            wall += time.perf_counter() - start
+            busy += record.busy_s
+            trainer.buckets.zero()
+        with step_peak(ctx.device) as peak:
+            trainer.compute_gradients(m)
+        trainer.buckets.zero()
+        results[schedule] = (busy, wall, peak["peak_bytes"])
+    return results
 
 
 def main() -> None:
@@ -73,6 +88,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
+    from megagpt.parallel.pipeline import predicted_bubble
     from tests.local_world import run_world
 
     print(
@@ -80,13 +96,25 @@ def main() -> None:
         f"mean of {args.steps} steps; "
         f"torch {torch.__version__}"
     )
-    print("| pp | vpp | m | measured bubble (wall - busy) / busy | predicted (p-1)/(v m) | step wall time (s) |")
-    print("|---|---|---|---|---|---|")
-    for pp, vpp, m in [(2, 1, 4), (2, 1, 8), (2, 2, 4), (2, 2, 8), (4, 1, 4), (4, 1, 8), (4, 2, 8)]:
-        stages = run_world(pp, _stage_worker, vpp, m, args.steps, args.hidden, args.seq, timeout=1200)
-        measured = statistics.mean((wall - busy) / busy for busy, wall in stages)
-        wall = statistics.mean(wall for _, wall in stages) / args.steps
-        print(f"| {pp} | {vpp} | {m} | {measured:.2f} | {(pp - 1) / (vpp * m):.2f} | {wall:.3f} |")
+    print(
+        "| pp | m | schedule | measured bubble (wall - busy) / busy | predicted | bubble / 1F1B's | "
+        "peak step memory (MiB, fullest stage) | memory / 1F1B's | step wall time (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for pp, m in [(2, 4), (2, 8), (4, 4), (4, 8)]:
+        stages = run_world(pp, _stage_worker, m, args.steps, args.hidden, args.seq, timeout=3000)
+        rows = {}
+        for schedule in SCHEDULES:
+            measured = statistics.mean((wall - busy) / busy for busy, wall, _ in (s[schedule] for s in stages))
+            wall = statistics.mean(s[schedule][1] for s in stages) / args.steps
+            peak = max(s[schedule][2] for s in stages)
+            rows[schedule] = (measured, peak, wall)
+        for schedule, (measured, peak, wall) in rows.items():
+            vpp = 2 if schedule == "interleaved" else 1
+            print(
+                f"| {pp} | {m} | {schedule} | {measured:.2f} | {predicted_bubble(schedule, pp, vpp, m):.2f} | "
+                f"{measured / rows['1f1b'][0]:.2f} | {peak / 2**20:.1f} | {peak / rows['1f1b'][1]:.2f} | {wall:.3f} |"
+            )
 
 
 if __name__ == "__main__":
