@@ -456,8 +456,7 @@ def _schedule_problems(p: ParallelConfig) -> list[str]:
     if name.startswith("zb-"):
         problems.check(
             p.vpp == 1,
-            f"parallel.pp_schedule={name} runs one model chunk per rank, but parallel.vpp={p.vpp}; "
-            f"set parallel.vpp=1",
+            f"parallel.pp_schedule={name} runs one model chunk per rank, but parallel.vpp={p.vpp}; set parallel.vpp=1",
         )
         problems.check(
             p.pp > 1,

@@ -201,8 +201,7 @@ def check_pipeline(
     schedule: str = "auto",
 ) -> list[Program]:
     programs = [
-        record(pp, vpp, r, num_micro_batches, backward, one_work_per_batch, executor_class, schedule)
-        for r in range(pp)
+        record(pp, vpp, r, num_micro_batches, backward, one_work_per_batch, executor_class, schedule) for r in range(pp)
     ]
     replay(programs)
     return programs
