@@ -7,13 +7,16 @@ output layer and loss on the last one.
 
 A schedule is a list of steps for one rank, each of actions F(chunk, micro_batch) and B(chunk, micro_batch),
 in warm-up, steady state and cool-down: for 1F1B every action is a step; for the interleaved schedule a
-steady-state step is one forward and one backward. The tests read these lists without any process.
+steady-state step is one forward and one backward. The zero-bubble schedules (zb-h1, zb-h2; parallel.pp_schedule)
+split each backward into B, the input gradients, and W(chunk, micro_batch), the weight gradients B left
+(weight_grads.py), and place W where 1F1B waits. The tests read these lists without any process.
 
 The executor runs the steps: an F needs the activation of the previous virtual stage and sends its output on; a
 B needs the output's gradient from the next stage and sends the input's gradient back. After each step the rank
 makes one batched exchange with its neighbours, sending what the step produced and receiving what the next step
 needs (Megatron's discipline), which completes under NCCL's rules as under gloo's
-(tests/unit/test_pipeline_nccl.py). A failure names the stage, the transfers and the peers.
+(tests/unit/test_pipeline_nccl.py); a step's W actions run while its exchange is in flight. A failure names the
+stage, the transfers and the peers.
 """
 
 from __future__ import annotations

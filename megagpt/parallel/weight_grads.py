@@ -24,6 +24,7 @@ zero-bubble schedule is running) computes its weight gradient at once, as a plai
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Callable, Iterable
 
@@ -41,22 +42,23 @@ class WeightGradQueue:
     """The deferred weight-gradient work of one (model chunk, micro-batch), in the order B produced it."""
 
     def __init__(self):
-        self.work: list[Callable[[], WeightGrads]] = []
+        self.work: collections.deque[Callable[[], WeightGrads]] = collections.deque()
 
     def __len__(self) -> int:
         return len(self.work)
 
     def run(self) -> None:
-        """W: compute every queued weight gradient and accumulate it (one autograd call, one gradient per weight)."""
-        grads: dict[torch.Tensor, torch.Tensor] = {}
-        with torch.no_grad():  # as inside backward, where the work was queued
-            for compute in self.work:
-                for weight, grad in compute():
-                    if grad is not None:
-                        grads[weight] = grad if weight not in grads else grads[weight] + grad
-        self.work.clear()
-        if grads:
-            torch.autograd.backward(list(grads), list(grads.values()))
+        """W: compute the queued weight gradients one layer at a time and accumulate each at once, as a plain
+        backward does (so only one layer's gradients and saved tensors are extra at a time, and a bucket's
+        reduction starts as soon as its last weight is done). Each weight is used once per chunk's forward in
+        the layouts the zero-bubble schedules run, so it gets one gradient per micro-batch (the buckets count)."""
+        while self.work:
+            compute = self.work.popleft()  # dropping the record frees what it saved
+            with torch.no_grad():  # as inside backward, where the work was queued
+                pairs = [(weight, grad) for weight, grad in compute() if grad is not None]
+            del compute
+            if pairs:
+                torch.autograd.backward([weight for weight, _ in pairs], [grad for _, grad in pairs])
 
 
 @contextlib.contextmanager
