@@ -3,8 +3,8 @@
 A zero-bubble schedule (parallel/pipeline.py, zb-h1 and zb-h2) runs a micro-batch's backward as B, on the critical
 path (the previous stage waits for its input gradient), and W later, in time the stage would otherwise spend
 waiting. Nothing is computed twice: during B each layer with weights computes its input gradient and queues a
-record of what its weight gradient needs (a linear's input and output gradient, LayerNorm's normalized input and
-output gradient, the embedding's indices and output gradient); W drains the queue.
+record of what its weight gradient needs (a linear's input and output gradient, LayerNorm's input, mean and
+reciprocal std and output gradient, the embedding's indices and output gradient); W drains the queue.
 
     queue = WeightGradQueue()
     with deferring(queue):
@@ -177,28 +177,34 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _Embedding.apply(ids, weight)
 
 
-class _Affine(torch.autograd.Function):
-    """LayerNorm's elementwise affine, xhat * w + b; B: grad_xhat = grad * w; W: sums of grad * xhat and grad."""
+class _LayerNorm(torch.autograd.Function):
+    """Layer norm over the last dim with weight and bias, keeping what torch's keeps (x, mean, rstd); B: the input
+    gradient; W: the weight and bias gradients, from the same saved tensors (torch's own backward kernel, each
+    half asked for its outputs only)."""
 
     @staticmethod
-    def forward(ctx, xhat, weight, bias):
-        ctx.save_for_backward(xhat)
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = torch.native_layer_norm(x, weight.shape, weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd)
         ctx.weight, ctx.bias = weight, bias
-        return torch.addcmul(bias, xhat, weight)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        (xhat,) = ctx.saved_tensors
+        x, mean, rstd = ctx.saved_tensors
         weight, bias = ctx.weight, ctx.bias
 
-        def compute():
-            rows = _rows(grad)
-            yield weight, (rows * _rows(xhat)).sum(0) if _wants(weight) else None
-            yield bias, rows.sum(0) if _wants(bias) else None
+        def half(mask):
+            return torch.ops.aten.native_layer_norm_backward(grad, x, weight.shape, mean, rstd, weight, bias, mask)
 
-        return (grad * weight, *weight_grads_now_or_later(compute, 2))
+        def compute():
+            _, grad_weight, grad_bias = half([False, _wants(weight), _wants(bias)])
+            return [(weight, grad_weight), (bias, grad_bias)]
+
+        grad_x = half([True, False, False])[0] if ctx.needs_input_grad[0] else None
+        return (grad_x, *weight_grads_now_or_later(compute, 2), None)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """Layer norm as normalization (its own torch backward, all of it B) followed by the split affine."""
-    return _Affine.apply(F.layer_norm(x, weight.shape, None, None, eps), weight, bias)
+    """Layer norm whose weight and bias gradients wait for W under a zero-bubble B."""
+    return _LayerNorm.apply(x, weight, bias, eps)
