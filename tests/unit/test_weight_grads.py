@@ -97,3 +97,19 @@ def test_w_gradients_reach_the_post_accumulate_hooks_once_per_weight():
     assert fired == []
     queue.run()
     assert sorted(fired) == sorted(name for name, _ in model.named_parameters())
+
+
+def test_only_the_zero_bubble_schedules_build_split_layers():
+    """Other schedules run the plain torch ops, exactly as before the split existed."""
+    from megagpt.model.build import build_model
+    from megagpt.parallel.topology import Topology
+
+    for name, split in [("auto", False), ("1f1b", False), ("zb-h1", True), ("zb-h2", True)]:
+        cfg = tiny_config("parallel.pp=2", "model.num_layers=2", f"parallel.pp_schedule={name}")
+        for rank in range(2):
+            ctx = ParallelContext.planned(Topology(1, 1, 2), rank)
+            with torch.device("meta"):
+                (chunk,) = build_model(cfg, ctx)
+            flags = {type(m).__name__: m.split_backward for m in chunk.modules() if hasattr(m, "split_backward")}
+            assert set(flags) >= {"ColumnParallelLinear", "RowParallelLinear", "LayerNorm", "GPT"}, flags
+            assert set(flags.values()) == {split}, (name, flags)
