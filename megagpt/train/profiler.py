@@ -20,6 +20,7 @@ on the CPU (megagpt/config.py).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,9 +81,10 @@ class StepProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        schedule = torch.profiler.schedule(
-            wait=0, warmup=self.first_recorded - step, active=last - self.first_recorded + 1, repeat=1
-        )
+        warmup = self.first_recorded - step
+        with warnings.catch_warnings():  # a window from step 1 (or resumed inside it) has no step to warm up with
+            warnings.filterwarnings("ignore", message="Profiler won't be using warmup")
+            schedule = torch.profiler.schedule(wait=0, warmup=warmup, active=last - self.first_recorded + 1, repeat=1)
         trace_dir(self.logging).mkdir(parents=True, exist_ok=True)
         self.profiler = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=self._write)
         self.profiler.__enter__()
