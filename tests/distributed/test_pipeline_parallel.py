@@ -23,7 +23,7 @@ LAYOUTS = [  # (tp, pp, dp, vpp, sequence_parallel, layers)
 ]
 STEPS = 10
 # Layouts also run under logging.profile: (steps, ranks). Their traces must hold the named ranges.
-PROFILED = {(1, 2, 1, 2, False, 4): ("3-4", "all"), (2, 2, 2, 1, True, 4): ("4", "[0,5]")}
+PROFILED = {(1, 2, 1, 2, False, 4): ("4", "all"), (2, 2, 2, 1, True, 4): ("4", "[0,5]")}
 
 
 def pipeline_config(tp, pp, vpp, sp, layers, run_dir, *extra):

@@ -5,6 +5,10 @@ run is in tests/distributed/test_pipeline_parallel.py."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ from megagpt.errors import ConfigError
 from megagpt.parallel.pipeline import ACTION_LABEL, Action, schedule
 from megagpt.parallel.trace_ranges import trace_range
 from megagpt.train.profiler import StepProfiler, trace_path
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
 
 def test_profile_keys_parse_and_validate():
@@ -137,3 +141,20 @@ def test_memory_snapshot_on_cuda_dumps_the_allocators_history(tmp_path):
 
     assert "segments" in pickle.loads(snapshot.read_bytes())
     assert step_ranges(trace_path(cfg.logging, 0, 2, 3)) == ["step 2", "step 3"]
+
+
+def test_the_ranges_bench_runs_and_prints_its_ratios(tmp_path):
+    cfg = tiny_config(f"logging.dir={tmp_path}", "logging.profile=2")
+    profiler = StepProfiler(cfg.logging, rank=0, device=torch.device("cpu"))
+    for step in (1, 2):
+        with profiler.step(step), trace_range("F mb0 c0"):
+            pass
+    cmd = [sys.executable, str(REPO / "bench/trace_ranges.py"), "--calls", "200", "--rounds", "1"]
+    cmd += ["--trace", str(trace_path(cfg.logging, 0, 2, 2))]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("nullcontext", "trace_range", "record_function"):
+        assert re.search(rf"^{name} +[\d.]+ us/range$", result.stdout, re.M), result.stdout
+    assert re.search(r"^1 named ranges per step of [\d.]+ ms", result.stdout, re.M), result.stdout
