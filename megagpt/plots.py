@@ -118,6 +118,8 @@ def plot_metrics(runs: list[Run], out: str | Path, panels: tuple[str, ...] = PAN
         raise UserError(f"the runs logged none of the metrics of the panels {list(panels)}")
     by_tokens = all(run.tokens(run.rows[0]) is not None for run in runs)
     plt = _pyplot()
+    from matplotlib.ticker import EngFormatter
+
     columns = min(len(chosen), 2)
     rows = -(-len(chosen) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(6.4 * columns, 3.6 * rows), squeeze=False)
@@ -129,6 +131,8 @@ def plot_metrics(runs: list[Run], out: str | Path, panels: tuple[str, ...] = PAN
                 _draw_series(ax, run, name, style, colors[i % len(colors)], label, by_tokens)
         ax.set_title(panel.title)
         ax.set_xlabel("tokens" if by_tokens else "step")
+        if by_tokens:
+            ax.xaxis.set_major_formatter(EngFormatter())  # 400k, 3M, 300G
         if panel.log_y:
             ax.set_yscale("log", base=2)
         ax.grid(alpha=0.3)
