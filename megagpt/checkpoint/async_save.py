@@ -177,15 +177,15 @@ class AsyncSaver:
 
     def wait(self) -> None:
         """Finish the save in flight (every rank calls it at the same point): join this rank's writer, agree,
-        publish or raise. Logs how long the training loop waited."""
+        publish or raise. Logs how long the training loop waited for the writers (this rank's and the others')."""
         save = self.in_flight
         if save is None:
             return
         t0 = time.perf_counter()
         save.thread.join()
+        status = torch.tensor(self.local_status())
+        all_reduce(status, self.ctx.host, op="max")  # every writer has finished: the max is [0, failed]
         waited = time.perf_counter() - t0
         self.waits.append(waited)
-        get_logger().info(f"waited {waited:.2f}s for the checkpoint {save.final} being written to finish")
-        status = torch.tensor(self.local_status())
-        all_reduce(status, self.ctx.host, op="max")
+        get_logger().info(f"waited {waited:.2f}s for the writers of checkpoint {save.final} to finish")
         self.agreed(status.tolist())

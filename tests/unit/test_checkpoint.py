@@ -323,7 +323,9 @@ def test_old_checkpoints_are_deleted_off_the_training_thread(tmp_path, monkeypat
     assert listing(ck) == ["latest", "step_00000003", "step_00000004"]
 
 
-def test_a_full_disk_during_a_save_names_the_checkpoint_and_the_intact_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_full_disk_during_a_save_names_the_checkpoint_and_the_intact_one(tmp_path, monkeypatch, async_save):
+    """Synchronous: the save raises. Asynchronous: the writer's error is raised at the next step boundary."""
     import errno
 
     from megagpt.checkpoint import save
@@ -338,12 +340,19 @@ def test_a_full_disk_during_a_save_names_the_checkpoint_and_the_intact_one(tmp_p
                 raise OSError(errno.ENOSPC, "No space left on device")
             except OSError as e:  # as torch.save reports it: a RuntimeError over the OSError
                 raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from e
-        real_write(payload, path)
+        return real_write(payload, path)
 
     monkeypatch.setattr(save, "write_rank_file", fill_the_disk)
     ck = tmp_path / "ck"
     with pytest.raises(CheckpointError) as info:
-        run(tmp_path, "r", "checkpoint.save_interval=1", "checkpoint.keep=5", f"checkpoint.dir={ck}")
+        run(
+            tmp_path,
+            "r",
+            "checkpoint.save_interval=1",
+            "checkpoint.keep=5",
+            f"checkpoint.dir={ck}",
+            f"checkpoint.async_save={async_save}",
+        )
     message = str(info.value)
     assert f"checkpoint {ck / 'step_00000003'} could not be saved (rank 0 could not write " in message
     assert "rank_00000.pt: No space left on device" in message
