@@ -161,6 +161,8 @@ def test_checkpoint_settings_are_validated():
     for overrides, message in [
         (["checkpoint.load=auto"], "checkpoint.load=auto needs checkpoint.dir"),
         (["checkpoint.save_interval=5"], "checkpoint.save_interval needs checkpoint.dir"),
+        (["checkpoint.async_save=true"], "checkpoint.async_save needs checkpoint.dir"),
+        (["checkpoint.dir=x", "checkpoint.async_save=maybe"], "checkpoint.async_save"),
         (["checkpoint.dir=x", "checkpoint.keep=0"], "checkpoint.keep=0 must be at least 1"),
         (["checkpoint.dir=x", "checkpoint.exit_after_minutes=0"], "exit_after_minutes=0.0 must be positive"),
     ]:

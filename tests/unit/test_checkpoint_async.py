@@ -84,6 +84,18 @@ def test_host_buffers_are_reused_between_saves():
     assert [tuple(x.shape) for x in buffers.buffers] == [(4,)]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_buffers_of_gpu_tensors_are_pinned_and_complete_after_finish():
+    buffers = HostBuffers()
+    data = torch.randn(1 << 20, device="cuda")
+    buffers.start()
+    copy = buffers.copy(data)
+    data.add_(1.0)  # queued after the copy: finish() waits for the copy, not for this
+    buffers.finish()
+    assert copy.is_pinned() and copy.device.type == "cpu"
+    assert torch.equal(copy + 1.0, data.cpu())
+
+
 @pytest.fixture
 def info_log():
     """The megagpt logger's INFO lines, recorded (tests run without the launcher's setup_logging)."""
