@@ -356,8 +356,8 @@ def test_a_full_disk_during_a_save_names_the_checkpoint_and_the_intact_one(tmp_p
             f"checkpoint.async_save={async_save}",
         )
     message = str(info.value)
-    assert f"checkpoint {ck / 'step_00000003'} could not be saved (rank 0 could not write " in message
-    assert "rank_00000.pt: No space left on device" in message
+    assert f"checkpoint {ck / 'step_00000003'} could not be saved (rank 0 could not write its file: No space" in message
+    assert "No space left on device: " in message and "rank_00000.pt; " in message
     assert "GiB are free there); its partial files were removed" in message
     assert f"the newest intact checkpoint is {ck / 'step_00000002'}" in message
     assert listing(ck) == ["latest", "step_00000001", "step_00000002"]
