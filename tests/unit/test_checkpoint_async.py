@@ -1,7 +1,8 @@
-"""Asynchronous save in one process (checkpoint/async_save.py, checkpoint.async_save): an async checkpoint holds
-what a synchronous one holds and resumes bit for bit; the sha256 both paths compute while writing is the file's;
+"""Asynchronous save in one process (checkpoint/async_save.py, checkpoint.async_save): an async checkpoint's files
+are byte for byte a synchronous one's; the sha256 both paths compute while writing is the file's;
 a save that finds the previous one still writing waits and says so; a stop waits for the save in flight and
-publishes it. Across processes (kill -9, a failing rank): tests/distributed/test_checkpoint.py."""
+publishes it. Across processes (bit-exact resume from async saves at (2,2,2) with ZeRO-1 and dropout, kill -9 of
+a writer, a failing rank): tests/distributed/test_checkpoint.py."""
 
 from __future__ import annotations
 
@@ -20,20 +21,9 @@ from megagpt.checkpoint.format import HashingWriter, sha256_of
 from megagpt.checkpoint.reader import SavedCheckpoint
 from megagpt.log import get_logger
 from tests.conftest import tiny_config
-from tests.unit.test_checkpoint import BASE, listing, losses, run
+from tests.unit.test_checkpoint import BASE, listing, run
 
 ASYNC = "checkpoint.async_save=true"
-
-
-def test_an_async_checkpoint_resumes_bit_exact_and_the_end_of_training_publishes_it(tmp_path):
-    extra = ["model.dropout=0.1", "parallel.zero=1", "checkpoint.save_interval=3", ASYNC]
-    whole = run(tmp_path, "whole", *extra, f"checkpoint.dir={tmp_path / 'ck'}")
-    # The end of training waited for the step-6 save and published it.
-    assert listing(tmp_path / "ck") == ["latest", "step_00000003", "step_00000006"]
-    assert (tmp_path / "ck" / "latest").read_text().strip() == "step_00000006"
-    step3 = tmp_path / "ck" / "step_00000003"
-    resumed = run(tmp_path, "resumed", *extra, f"checkpoint.load={step3}", f"checkpoint.dir={tmp_path / 'ck2'}")
-    assert losses(resumed) == losses(whole)[3:]  # exactly
 
 
 def test_async_and_sync_saves_write_the_same_files_and_hash_them_while_writing(tmp_path):
