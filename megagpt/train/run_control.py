@@ -61,7 +61,8 @@ class StopRequests:
         extra = more or []
         flags = torch.tensor([float(self.signal_received is not None), float(over_time), *extra])
         all_reduce(flags, self.host_group, op="max")
-        extra[:] = flags[2:].tolist()
+        if extra:
+            extra[:] = flags[2:].tolist()  # a CPU tensor: no wait for the GPU
         if flags[0] > 0:
             return self.signal_received or "a stop signal on another rank"
         if flags[1] > 0:
