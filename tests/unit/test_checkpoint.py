@@ -170,20 +170,25 @@ def test_checkpoint_settings_are_validated():
             validate(tiny_config(*overrides))
 
 
-def test_sigterm_in_a_step_saves_and_stops_and_the_resume_is_exact(tmp_path, monkeypatch):
-    """The signal arrives during step 3 (sent by the process to itself); the run saves after step 3 and returns."""
+def sigterm_during_step(monkeypatch, n: int) -> None:
+    """Step n sends SIGTERM to this process (as Slurm would, mid-step)."""
     from megagpt.train.trainer import Trainer
 
-    whole = run(tmp_path, "whole", "model.dropout=0.1")
     step = Trainer.train_step
 
     def step_with_sigterm(self):
         result = step(self)
-        if self.state.step == 3:
+        if self.state.step == n:
             os.kill(os.getpid(), signal.SIGTERM)
         return result
 
     monkeypatch.setattr(Trainer, "train_step", step_with_sigterm)
+
+
+def test_sigterm_in_a_step_saves_and_stops_and_the_resume_is_exact(tmp_path, monkeypatch):
+    """The signal arrives during step 3 (sent by the process to itself); the run saves after step 3 and returns."""
+    whole = run(tmp_path, "whole", "model.dropout=0.1")
+    sigterm_during_step(monkeypatch, 3)
     stopped = run(tmp_path, "stopped", "model.dropout=0.1", f"checkpoint.dir={tmp_path / 'ck'}")
     monkeypatch.undo()
     assert [row["step"] for row in stopped.history] == [1, 2, 3]

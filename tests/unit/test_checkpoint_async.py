@@ -7,8 +7,6 @@ a writer, a failing rank): tests/distributed/test_checkpoint.py."""
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
 
@@ -21,7 +19,7 @@ from megagpt.checkpoint.format import HashingWriter, sha256_of
 from megagpt.checkpoint.reader import SavedCheckpoint
 from megagpt.log import get_logger
 from tests.conftest import tiny_config
-from tests.unit.test_checkpoint import BASE, listing, run
+from tests.unit.test_checkpoint import BASE, listing, run, sigterm_during_step
 
 ASYNC = "checkpoint.async_save=true"
 
@@ -127,18 +125,8 @@ def writer_held_until_the_next_save(monkeypatch, hold_s=0.2):
 def test_a_save_waits_for_the_one_in_flight_and_a_sigterm_waits_and_publishes(tmp_path, monkeypatch, info_log):
     """Saves every step, each writer slower than a step: each save waits for the previous and logs it. SIGTERM
     during step 3 stops the run after step 3's save is written and published."""
-    from megagpt.train.trainer import Trainer
-
     writer_held_until_the_next_save(monkeypatch)
-    step = Trainer.train_step
-
-    def step_with_sigterm(self):
-        result = step(self)
-        if self.state.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(Trainer, "train_step", step_with_sigterm)
+    sigterm_during_step(monkeypatch, 3)
     ck = tmp_path / "ck"
     stopped = run(tmp_path, "r", ASYNC, "checkpoint.save_interval=1", "checkpoint.keep=5", f"checkpoint.dir={ck}")
     assert [row["step"] for row in stopped.history] == [1, 2, 3]
