@@ -115,7 +115,7 @@ class AsyncSaver:
         self.ctx = ctx
         self.buffers = HostBuffers()
         self.in_flight: InFlightSave | None = None
-        self.waits: list[float] = []  # seconds each save waited for the one before it (logged, and for tests)
+        self.waits: list[float] = []  # seconds each wait() held the training loop (logged too)
 
     def start(self, trainer, root: Path, run_tag: str, pruning: sync_save.Pruning) -> None:
         """Copy this step's state out and start writing it in the background. The caller has waited for any
