@@ -145,6 +145,11 @@ class CheckpointConfig:
     exit_after_minutes: float | None = option(
         None, "save and stop at the first step boundary after this many minutes (jobs with a wall-clock limit)"
     )
+    async_save: bool = option(
+        False,
+        "copy the state to host memory at a save and write it in the background; published once every rank's "
+        "writer has finished (a stop or the end of training waits for it)",
+    )
 
 
 @dataclass(frozen=True)
@@ -540,6 +545,7 @@ def _checkpoint_problems(c: CheckpointConfig) -> list[str]:
         ("save_interval", c.save_interval or None),
         ("load=auto", c.load == "auto" or None),
         ("exit_after_minutes", c.exit_after_minutes),
+        ("async_save", c.async_save or None),
     ):
         problems.check(value is None or c.dir is not None, f"checkpoint.{key} needs checkpoint.dir; set where to save")
     problems.check(
