@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ import torch
 
 from megagpt.errors import UserError
 from megagpt.parallel.comm import batch_send_recv
+from megagpt.parallel.trace_ranges import trace_range
 from megagpt.parallel.weight_grads import WeightGradQueue, deferring
 
 
@@ -78,6 +81,15 @@ class Action:
 
     def __repr__(self) -> str:
         return f"{self.kind}{self.chunk}.{self.micro_batch}"
+
+    @functools.cached_property
+    def label(self) -> str:
+        """Its name in profiler traces and timelines, built once: kind, micro-batch, chunk, e.g. 'F mb3 c0'."""
+        return f"{self.kind} mb{self.micro_batch} c{self.chunk}"
+
+
+# An Action.label read back from a trace: (kind, micro-batch, chunk).
+ACTION_LABEL = re.compile(r"^([A-Z]+) mb(\d+) c(\d+)$")
 
 
 def _phases(forwards: list[Action], backwards: list[Action], warmup: int) -> list[list[Action]]:
@@ -399,7 +411,11 @@ class PipelineExecutor:
             parts = [f"sending {t.describe()} to rank {self._peer(t, True)}" for t in sends]
             return ", ".join(parts + [f"receiving {t.describe()} from rank {self._peer(t, False)}" for t in recvs])
 
-        with self._named(what):
+        def label() -> str:
+            parts = [f"send {t.kind} mb{t.micro_batch} s{t.stage}" for t in sends]
+            return "p2p " + " ".join(parts + [f"recv {t.kind} mb{t.micro_batch} s{t.stage}" for t in recvs])
+
+        with self._named(what), trace_range(label):
             works = (self.post or batch_send_recv)(
                 [(tensor, self._peer(t, True), self._tag(t)) for t, tensor in sends.items()],
                 [(buffers[t], self._peer(t, False), self._tag(t)) for t in recvs],
@@ -460,8 +476,10 @@ class PipelineExecutor:
         return self._exchange({t: self._outgoing(self._outputs.pop(t), t) for t in sends}, recvs, meanwhile)
 
     def _timed(self, action: Action, compute):
+        """compute() marked on the step's clock and named in profiler traces (F, B or W, micro-batch, chunk)."""
         start = self._record._clock.mark()
-        result = compute()
+        with trace_range(action.label):
+            result = compute()
         self._record._marks.append((action, start, self._record._clock.mark()))
         return result
 

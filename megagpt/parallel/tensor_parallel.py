@@ -23,6 +23,7 @@ from megagpt.parallel.comm import (
 )
 from megagpt.parallel.context import Group
 from megagpt.parallel.params import update_spec
+from megagpt.parallel.trace_ranges import trace_range
 from megagpt.parallel.weight_grads import add_bias, defer, embedding, has_deferred_queue, linear
 
 
@@ -66,7 +67,9 @@ class _SequenceParallelColumnLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.has_bias = group, bias is not None
         ctx.weight, ctx.bias = weight, bias  # the tensors as received, for a zero-bubble W's autograd call
-        return F.linear(all_gather(x, 1, group), weight, bias)  # the gathered input dies here
+        with trace_range("tp all-gather (sequence-parallel linear forward)"):
+            full = all_gather(x, 1, group)  # (b, s, in)
+        return F.linear(full, weight, bias)  # the gathered input dies here
 
     @staticmethod
     def backward(ctx, grad):  # grad (b, s, out/tp)
