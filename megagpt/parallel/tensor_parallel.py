@@ -91,11 +91,14 @@ class _SequenceParallelColumnLinear(torch.autograd.Function):
 def _sequence_parallel_input_grad(ctx, x, weight, grad):
     """B of the sequence-parallel column linear: the input gradient now, the weight gradient queued for W."""
     group, bias = ctx.group, ctx.bias
-    grad_x = reduce_scatter(grad.matmul(weight), 1, group)  # (b, s/tp, in)
+    grad_full = grad.matmul(weight)  # (b, s, in)
+    with trace_range("tp reduce-scatter (sequence-parallel input gradient, B)"):
+        grad_x = reduce_scatter(grad_full, 1, group)  # (b, s/tp, in)
 
     def compute():
         rows = grad.reshape(-1, grad.shape[-1])  # (b*s, out/tp)
-        full = all_gather(x, 1, group)  # (b, s, in): every tp rank runs its W in the same order
+        with trace_range("tp all-gather (sequence-parallel input, W)"):
+            full = all_gather(x, 1, group)  # (b, s, in): every tp rank runs its W in the same order
         yield ctx.weight, rows.t().matmul(full.reshape(-1, full.shape[-1])) if ctx.needs_input_grad[1] else None
         yield bias, rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
 
