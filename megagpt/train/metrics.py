@@ -170,10 +170,7 @@ class MetricsWriter:
 def performance_text(row: dict) -> str:
     """The console's performance part: step time, per-device throughput, MFU (HFU where recomputation makes it
     differ), the peak's source when it is not the table's, and memory."""
-    text = (
-        f"{row['step_time_ms']:,.1f} ms/step | {row['tflops_per_device']:.2f} TFLOP/s/device | "
-        f"MFU {row['mfu']:.1%}"
-    )
+    text = f"{row['step_time_ms']:,.1f} ms/step | {row['tflops_per_device']:.2f} TFLOP/s/device | MFU {row['mfu']:.1%}"
     if not math.isclose(row["hfu"], row["mfu"]):
         text += f" (HFU {row['hfu']:.1%})"
     if row["peak_source"] != "table":

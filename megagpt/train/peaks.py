@@ -61,7 +61,7 @@ def known_peak_tflops(device_name: str, kind: str) -> float | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)  # once per process: tests that train many times measure once
+@functools.cache  # once per process: tests that train many times measure once
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
     """The fastest of up to 10 timed square matmuls in `dtype` (at most ~0.25 s of them after a warm-up): a rough
     peak for devices without a known one. Timing each alone and keeping the best discounts moments the device
