@@ -1,0 +1,125 @@
+"""What the performance fields of a logged row cost: training steps logged every step (logging.log_interval=1,
+TensorBoard on) with the new fields (step time, throughput and MFU per device, memory, the by-tokens TensorBoard
+scalars) against the same steps logging only the fields rows had before, in the same process.
+
+    python bench/logging_cost.py [--rounds 10] [--steps 5] [--layers 2] [--hidden 64] [--seq 64] [--batch 8]
+                                 [--json PATH]
+
+One trainer (the tiny-cpu preset's shape, or the given one) trains `steps` steps per round through
+Trainer.train, once per variant, the variants alternating (which goes first alternates too) so that drifts in the
+machine's speed hit both alike; the medians of the rounds' ms/step are compared. The old variant keeps the row's
+former fields (loss, lr, grad norm, tokens/s, batch, consumed samples, elapsed) and writes only those. It also
+times the new fields' own computation (StepPerformance.fields and memory_fields) alone, per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+OLD_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "global_batch_size", "consumed_samples", "elapsed_s"}
+
+
+def build(args):
+    from megagpt.config import config_from_dict
+    from megagpt.data.gpt_dataset import SyntheticDataset
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.train.run import build_trainer, open_run_folder
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    total = 2 * (args.rounds + 1) * args.steps
+    cfg = config_from_dict(
+        {"preset": "tiny-cpu"},
+        [f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}", f"model.seq_length={args.seq}",
+         f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}", f"train.iters={total}",
+         "train.eval_iters=0", f"train.device={device.type}", "logging.log_interval=1",
+         "logging.memory_report=false", f"logging.dir={tempfile.mkdtemp(prefix='megagpt-logging-cost-')}"],
+    )  # fmt: skip
+    data = SyntheticDataset(args.batch * total, args.seq, cfg.model.vocab_size, seed=1)
+    metrics = open_run_folder(cfg)
+    trainer = build_trainer(cfg, ParallelContext.single_process(device), data, None, metrics)
+    return cfg, trainer, metrics
+
+
+class OldFields:
+    """The row's throughput as it was: global tokens/s only."""
+
+    def __init__(self, cfg, world_size, peak):
+        self.seq = cfg.model.seq_length
+
+    def fields(self, samples, steps, seconds):
+        return {"tokens_per_s": samples * self.seq / seconds}
+
+
+def run_steps(trainer, cfg, steps: int, old: bool) -> float:
+    """Seconds per step of the next `steps` steps, logged every step, in the variant asked for."""
+    import megagpt.train.trainer as trainer_module
+
+    saved = trainer_module.StepPerformance, trainer_module.memory_fields, trainer.metrics.write
+    if old:
+        write = trainer.metrics.write
+        trainer_module.StepPerformance = OldFields
+        trainer_module.memory_fields = lambda device: {}
+        trainer.metrics.write = lambda row: write({k: v for k, v in row.items() if k in OLD_KEYS})
+    trainer.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, iters=trainer.state.step + steps))
+    try:
+        start = time.perf_counter()
+        trainer.train()
+        return (time.perf_counter() - start) / steps
+    finally:
+        trainer_module.StepPerformance, trainer_module.memory_fields, trainer.metrics.write = saved
+
+
+def fields_alone(cfg, device, repeats: int = 1000) -> float:
+    from megagpt.train.metrics import StepPerformance, memory_fields
+    from megagpt.train.peaks import Peak
+
+    perf = StepPerformance(cfg, 1, Peak(1.0, "config"))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        perf.fields(cfg.train.global_batch_size, 1, 0.1)
+        memory_fields(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    cfg, trainer, metrics = build(args)
+    device = trainer.ctx.device
+    what = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"# {what}; {args.layers} layers, hidden {args.hidden}, seq {args.seq}, batch {args.batch}, logged every step"
+    )
+    run_steps(trainer, cfg, args.steps, old=False)  # warm-up, and the peak measured once
+    times = {"new": [], "old": []}
+    for i in range(args.rounds):
+        for old in (i % 2 == 0, i % 2 == 1):
+            times["old" if old else "new"].append(run_steps(trainer, cfg, args.steps, old))
+    metrics.close()
+    new, old = statistics.median(times["new"]), statistics.median(times["old"])
+    alone = fields_alone(cfg, device)
+    print(f"with the new fields {new * 1e3:8.2f} ms/step")
+    print(f"old fields only     {old * 1e3:8.2f} ms/step")
+    print(f"ratio new / old     {new / old:8.3f}")
+    print(f"the new fields alone {alone * 1e6:.1f} us per row ({alone / old:.2%} of a step)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": what, "new_s": new, "old_s": old, "ratio": new / old, "fields_s": alone}, f)
+
+
+if __name__ == "__main__":
+    main()
