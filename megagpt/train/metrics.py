@@ -170,11 +170,11 @@ class MetricsWriter:
 def performance_text(row: dict) -> str:
     """The console's performance part: step time, per-device throughput, MFU (HFU where recomputation makes it
     differ), the peak's source when it is not the table's, and memory."""
-    text = f"{row['step_time_ms']:,.1f} ms/step | {row['tflops_per_device']:.2f} TFLOP/s/device | MFU {row['mfu']:.1%}"
-    if not math.isclose(row["hfu"], row["mfu"]):
-        text += f" (HFU {row['hfu']:.1%})"
+    text = f"{row['step_time_ms']:,.1f} ms/step | {row['tflops_per_device']:.3g} TFLOP/s/device | MFU {row['mfu']:.1%}"
+    notes = [f"HFU {row['hfu']:.1%}"] if not math.isclose(row["hfu"], row["mfu"]) else []
     if row["peak_source"] != "table":
-        text += f" (peak {row['peak_tflops']:.3g} TFLOP/s, {row['peak_source']})"
+        notes.append(f"peak {row['peak_tflops']:.3g} TFLOP/s {row['peak_source']}")
+    text += f" ({', '.join(notes)})" if notes else ""
     if "mem_max_allocated_gib" in row:
         text += f" | mem {row['mem_max_allocated_gib']:.2f}/{row['mem_reserved_gib']:.2f} GiB"
     return text + f" | rss {row['rss_gib']:.2f} GiB"

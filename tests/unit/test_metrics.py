@@ -7,7 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megagpt.estimate import hardware_flops_per_step, model_flops_per_step
-from megagpt.train.metrics import MetricsWriter, StepPerformance, memory_fields
+from megagpt.train.metrics import MetricsWriter, StepPerformance, memory_fields, performance_text
 from megagpt.train.peaks import Peak, device_peak, known_peak_tflops, matmul_kind
 from tests.conftest import tiny_config
 
@@ -39,6 +39,7 @@ def test_mfu_and_hfu_are_the_planners_flops_over_time_and_peak():
         assert row["mfu"] == pytest.approx(row["tflops_per_device"] / 2.0)
         assert row["hfu"] == pytest.approx(hardware_flops_per_step(cfg, 12) / device_seconds / 2e12)
         assert (row["hfu"] > row["mfu"] * 1.0001) == extra, recompute
+        assert ("HFU" in performance_text({**row, "rss_gib": 0.1})) == extra  # the console names HFU where it differs
         assert (row["peak_tflops"], row["peak_source"]) == (2.0, "config")
     # The FLOPs of a step follow its batch: 12 samples cost 12 / 8 of a full global batch.
     assert model_flops_per_step(cfg, 12) == pytest.approx(model_flops_per_step(cfg) * 12 / 8)
@@ -99,7 +100,7 @@ def test_rows_reach_tensorboard_by_step_and_by_consumed_tokens_and_the_console(t
         rows.append(row)
     line = writer.console_line(rows[-1])
     assert "1,000.0 ms/step" not in line and "250.0 ms/step" in line and "MFU" in line
-    assert "(peak 1 TFLOP/s, measured)" in line and "rss 0.50 GiB" in line
+    assert "(peak 1 TFLOP/s measured)" in line and "rss 0.50 GiB" in line
     writer.close()
     events = EventAccumulator(str(tmp_path))
     events.Reload()
