@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import struct
+import time
 
 import pytest
 
@@ -28,6 +29,8 @@ def read_wandb_records(path):
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -36,6 +39,17 @@ def read_wandb_records(path):
             records.append(record)
             pending = b""
     return records
+
+
+def finished_records(path, timeout: float = 60.0):
+    """The run's records once they end in its exit record: wandb-core, a process of its own, may still be writing
+    the file when run.finish() has returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def item_key(item) -> str:
@@ -55,7 +69,7 @@ def test_an_offline_run_writes_the_config_and_the_rows_scalars(tmp_path, monkeyp
     (folder,) = (run_dir / "wandb").glob("offline-run-*")
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     (wandb_file,) = folder.glob(f"run-{run_id}.wandb")
-    records = read_wandb_records(wandb_file)
+    records = finished_records(wandb_file)
 
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.project, run.display_name) == ("megagpt-test", "tiny")
