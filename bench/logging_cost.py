@@ -111,14 +111,17 @@ def main():
             times["old" if old else "new"].append(run_steps(trainer, cfg, args.steps, old))
     metrics.close()
     new, old = statistics.median(times["new"]), statistics.median(times["old"])
+    paired = sorted(a / b for a, b in zip(times["new"], times["old"]))  # each round's two variants ran back to back
     alone = fields_alone(cfg, device)
     print(f"with the new fields {new * 1e3:8.2f} ms/step")
     print(f"old fields only     {old * 1e3:8.2f} ms/step")
-    print(f"ratio new / old     {new / old:8.3f}")
-    print(f"the new fields alone {alone * 1e6:.1f} us per row ({alone / old:.2%} of a step)")
+    print(f"ratio new / old     {new / old:8.3f} (medians); per round {statistics.median(paired):.3f} "
+          f"(median; range {paired[0]:.3f} to {paired[-1]:.3f})")  # fmt: skip
+    print(f"the new fields alone {alone * 1e6:.1f} us per row ({alone / old:.4%} of a step)")
     if args.json:
+        result = {"device": what, "new_s": new, "old_s": old, "ratio": new / old, "paired": paired, "fields_s": alone}
         with open(args.json, "w") as f:
-            json.dump({"device": what, "new_s": new, "old_s": old, "ratio": new / old, "fields_s": alone}, f)
+            json.dump(result, f)
 
 
 if __name__ == "__main__":
