@@ -63,10 +63,13 @@ def known_peak_tflops(device_name: str, kind: str) -> float | None:
 
 @functools.cache  # once per process: tests that train many times measure once
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
-    """The fastest of up to 10 timed square matmuls in `dtype` (at most ~0.25 s of them after a warm-up): a rough
-    peak for devices without a known one. Timing each alone and keeping the best discounts moments the device
-    (on a shared CPU, the cores) was busy with something else."""
-    n = size or (4096 if device.type == "cuda" else 512)
+    """The fastest of up to 10 timings of square matmuls in `dtype` (at most ~0.25 s of them after a warm-up): a
+    rough peak for devices without a known one. Keeping the best timing discounts moments the device (on a shared
+    CPU, the cores) was busy with something else; on a GPU each timing covers 10 matmuls back to back, so that
+    launch and synchronization overheads do not count."""
+    gpu = device.type == "cuda"
+    n = size or (4096 if gpu else 512)
+    per_timing = 10 if gpu else 1
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     times: list[float] = []
@@ -74,13 +77,14 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | 
     for i in range(11):
         _synchronize(device)
         start = time.perf_counter()
-        a @ b
+        for _ in range(per_timing):
+            a @ b
         _synchronize(device)
         if i:  # the first is a warm-up
             times.append(time.perf_counter() - start)
         if len(times) >= 2 and time.perf_counter() - started > 0.25:
             break
-    return 2 * n**3 / max(min(times), 1e-9) / 1e12
+    return per_timing * 2 * n**3 / max(min(times), 1e-9) / 1e12
 
 
 def _synchronize(device: torch.device) -> None:
