@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import struct
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from megagpt.config import ConfigError, validate
+from megagpt.errors import UserError
 from megagpt.parallel.context import ParallelContext
 from megagpt.train.run import pretrain
 from megagpt.train.wandb_writer import WandbWriter
@@ -105,3 +108,6 @@ def test_wandb_keys_are_validated_and_a_missing_wandb_is_one_sentence(monkeypatc
     with pytest.raises(ConfigError, match=r"logging.wandb_project=p needs Weights & Biases, which is not installed; "
                        r"run pip install 'megagpt\[wandb\]'"):  # fmt: skip
         validate(tiny_config("logging.wandb_project=p"))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # and at startup, for a config that skipped validation
+    with pytest.raises(UserError, match=r"needs Weights & Biases, which is not installed; run pip install"):
+        WandbWriter(tiny_config("logging.wandb_project=p"), Path("unused"))
