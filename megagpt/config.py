@@ -165,9 +165,9 @@ class LoggingConfig:
         None, "log the rows and the config to this Weights & Biases project (rank 0; pip install 'megagpt[wandb]')"
     )
     wandb_run_name: str | None = option(None, "the W&B run's name; null: W&B picks one")
-    wandb_mode: Literal["online", "offline"] | None = option(
-        None,
-        "online syncs to W&B as it trains, offline only writes logging.dir/wandb (wandb sync uploads it); null: "
+    wandb_mode: Literal["auto", "online", "offline"] = option(
+        "auto",
+        "online syncs to W&B as it trains, offline only writes logging.dir/wandb (wandb sync uploads it); auto: "
         "W&B's own setting (WANDB_MODE), online by default",
     )
 

@@ -30,7 +30,7 @@ class WandbWriter:
             self.run = wandb.init(
                 project=lg.wandb_project,
                 name=lg.wandb_run_name,
-                mode=lg.wandb_mode,
+                mode=None if lg.wandb_mode == "auto" else lg.wandb_mode,
                 dir=str(run_dir),
                 config=cfg.to_dict(),
                 id=run_id,
