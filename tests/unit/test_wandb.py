@@ -66,7 +66,8 @@ def test_an_offline_run_writes_the_config_and_the_rows_scalars(tmp_path, monkeyp
     cfg = tiny_config(
         "train.iters=2", "logging.log_interval=1", "train.eval_iters=0", "logging.tensorboard=false",
         "logging.memory_report=false", f"logging.dir={run_dir}", "logging.wandb_project=megagpt-test",
-        "logging.wandb_run_name=tiny", "logging.wandb_mode=offline",
+        "logging.wandb_run_name=tiny", "logging.wandb_mode=offline", "model.num_layers=2", "model.vocab_size=1024",
+        "train.global_batch_size=2", "train.micro_batch_size=2",
     )  # fmt: skip
     state = pretrain(cfg, ParallelContext.single_process())
     (folder,) = (run_dir / "wandb").glob("offline-run-*")
@@ -77,7 +78,7 @@ def test_an_offline_run_writes_the_config_and_the_rows_scalars(tmp_path, monkeyp
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.project, run.display_name) == ("megagpt-test", "tiny")
     config = {item_key(i): i.value_json for i in run.config.update}
-    assert '"hidden_size":64' in config["model"].replace(" ", "") and '"iters":2' in config["train"].replace(" ", "")
+    assert '"vocab_size":1024' in config["model"].replace(" ", "") and '"iters":2' in config["train"].replace(" ", "")
 
     history = [
         {item_key(i): i.value_json for i in r.history.item} for r in records if r.WhichOneof("record_type") == "history"
