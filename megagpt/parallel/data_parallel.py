@@ -40,6 +40,7 @@ import torch
 from megagpt.parallel.comm import all_gather_flat, all_reduce, named_failure, reduce_scatter_flat
 from megagpt.parallel.context import Group
 from megagpt.parallel.params import spec_of
+from megagpt.parallel.trace_ranges import trace_range
 
 
 @dataclass
@@ -148,22 +149,27 @@ class GradBuckets:
     def _launch(self, bucket: Bucket) -> None:
         # Dividing first makes the sum the mean over dp, in the same precision whatever dp is.
         bucket.buffer.div_(self.dp_group.size)
-        if self.shard:
-            bucket.work = reduce_scatter_flat(bucket.buffer, self.dp_group, async_op=True)
-        else:
-            bucket.work = all_reduce(bucket.buffer, self.dp_group, async_op=True)
+        with trace_range(lambda: f"dp {self._collective} bucket {self.buckets.index(bucket)}"):
+            if self.shard:
+                bucket.work = reduce_scatter_flat(bucket.buffer, self.dp_group, async_op=True)
+            else:
+                bucket.work = all_reduce(bucket.buffer, self.dp_group, async_op=True)
         bucket.launched = True
         bucket.launched_after = self.ready_count
+
+    @property
+    def _collective(self) -> str:
+        return "reduce-scatter" if self.shard else "all-reduce"
 
     def finish(self) -> None:
         """Wait for every bucket's reduction (starting any whose parameters got no gradient)."""
         if self.dp_group.size == 1:
             return
-        for bucket in self.buckets:
+        for i, bucket in enumerate(self.buckets):
             if not bucket.launched:
                 self._launch(bucket)
-            what = "the data-parallel gradient " + ("reduce-scatter" if self.shard else "all-reduce")
-            with named_failure(what, self.dp_group):
+            what = f"the data-parallel gradient {self._collective}"
+            with named_failure(what, self.dp_group), trace_range(lambda i=i: f"dp wait bucket {i}"):
                 bucket.work.wait()
 
     def gather_params(self) -> None:
