@@ -9,7 +9,8 @@ One trainer (the tiny-cpu preset's shape, or the given one) trains `steps` steps
 Trainer.train, once per variant, the variants alternating (which goes first alternates too) so that drifts in the
 machine's speed hit both alike; the medians of the rounds' ms/step are compared. The old variant keeps the row's
 former fields (loss, lr, grad norm, tokens/s, batch, consumed samples, elapsed) and writes only those. It also
-times the new fields' own computation (StepPerformance.fields and memory_fields) alone, per row.
+times the new fields' own computation (StepPerformance.fields and memory_fields) alone, per row, and the writing of
+a row (console line, metrics.jsonl, TensorBoard) with the new fields and with the old ones.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -88,6 +90,23 @@ def fields_alone(cfg, device, repeats: int = 1000) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def write_cost(row: dict, repeats: int = 100) -> tuple[float, float]:
+    """Seconds per MetricsWriter.write (console line, metrics.jsonl, TensorBoard) of `row`, and of the same row cut
+    to the old fields, timed alternately into a fresh run folder."""
+    from megagpt.train.metrics import MetricsWriter
+
+    writer = MetricsWriter(Path(tempfile.mkdtemp(prefix="megagpt-logging-cost-")), True, total_steps=10**6)
+    old_row = {k: v for k, v in row.items() if k in OLD_KEYS}
+    times = {"new": 0.0, "old": 0.0}
+    for i in range(repeats):
+        for name, r in (("new", row), ("old", old_row)):
+            start = time.perf_counter()
+            writer.write({**r, "step": i + 1})
+            times[name] += time.perf_counter() - start
+    writer.close()
+    return times["new"] / repeats, times["old"] / repeats
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
@@ -113,13 +132,18 @@ def main():
     new, old = statistics.median(times["new"]), statistics.median(times["old"])
     paired = sorted(a / b for a, b in zip(times["new"], times["old"]))  # each round's two variants ran back to back
     alone = fields_alone(cfg, device)
+    write_new, write_old = write_cost(trainer.state.history[-1])
     print(f"with the new fields {new * 1e3:8.2f} ms/step")
     print(f"old fields only     {old * 1e3:8.2f} ms/step")
     print(f"ratio new / old     {new / old:8.3f} (medians); per round {statistics.median(paired):.3f} "
           f"(median; range {paired[0]:.3f} to {paired[-1]:.3f})")  # fmt: skip
     print(f"the new fields alone {alone * 1e6:.1f} us per row ({alone / old:.4%} of a step)")
+    print(f"writing a row (console, metrics.jsonl, TensorBoard): new {write_new * 1e3:.2f} ms, old "
+          f"{write_old * 1e3:.2f} ms; the difference with the fields is {(write_new - write_old + alone) / old:.2%} "
+          f"of a step")  # fmt: skip
     if args.json:
-        result = {"device": what, "new_s": new, "old_s": old, "ratio": new / old, "paired": paired, "fields_s": alone}
+        result = {"device": what, "new_s": new, "old_s": old, "ratio": new / old, "paired": paired, "fields_s": alone,
+                  "write_new_s": write_new, "write_old_s": write_old}  # fmt: skip
         with open(args.json, "w") as f:
             json.dump(result, f)
 
