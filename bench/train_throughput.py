@@ -109,17 +109,9 @@ def timed_alternating(contenders: dict, steps: int, device) -> dict[str, float]:
 
 
 def matmul_peak(device, dtype) -> float:
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    synchronize(device)
-    return 20 * 2 * n**3 / (time.perf_counter() - start)
+    from megagpt.train.peaks import measure_matmul_tflops  # the measurement the training logs use for MFU
+
+    return measure_matmul_tflops(device, dtype, size=8192) * 1e12
 
 
 def main():

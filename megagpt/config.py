@@ -11,6 +11,7 @@ before anything runs, and each problem is reported as one sentence naming the ke
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -165,6 +166,20 @@ class LoggingConfig:
     tensorboard: bool = option(True, "write TensorBoard scalars into logging.dir")
     memory_report: bool = option(
         True, "log each rank's memory after the first step (on CPU that step runs slower, under an allocation tracker)"
+    )
+    peak_tflops: float | None = option(
+        None,
+        "the device's peak TFLOP/s that MFU divides by; null: a known GPU's dense peak in the compute dtype, or on "
+        "CPU (and unknown GPUs) a matmul measured at startup",
+    )
+    wandb_project: str | None = option(
+        None, "log the rows and the config to this Weights & Biases project (rank 0; pip install 'megagpt[wandb]')"
+    )
+    wandb_run_name: str | None = option(None, "the W&B run's name; null: W&B picks one")
+    wandb_mode: Literal["auto", "online", "offline"] = option(
+        "auto",
+        "online syncs to W&B as it trains, offline only writes logging.dir/wandb (wandb sync uploads it); auto: "
+        "W&B's own setting (WANDB_MODE), online by default",
     )
     profile: str | int | None = option(
         None,
@@ -596,6 +611,20 @@ def _checkpoint_problems(c: CheckpointConfig) -> list[str]:
 def _logging_problems(lg: LoggingConfig) -> list[str]:
     problems = _Problems()
     problems.check(lg.log_interval >= 1, "logging.log_interval must be at least 1")
+    problems.check(
+        lg.peak_tflops is None or lg.peak_tflops > 0,
+        f"logging.peak_tflops={lg.peak_tflops} must be a positive TFLOP/s, or null to look it up or measure it",
+    )
+    if lg.wandb_project:
+        problems.check(
+            importlib.util.find_spec("wandb") is not None,
+            f"logging.wandb_project={lg.wandb_project} needs Weights & Biases, which is not installed; run "
+            f"pip install 'megagpt[wandb]' or unset logging.wandb_project",
+        )
+    else:
+        problems.check(
+            lg.wandb_run_name is None, "logging.wandb_run_name is set without logging.wandb_project; set the project"
+        )
     problems.extend(_user_error(profile_steps, lg))
     if lg.profile_ranks != "all":
         problems.check(

@@ -56,10 +56,11 @@ from megagpt.parallel.pipeline import (
     stage_layers,
     virtual_stage,
 )
+from megagpt.train.peaks import known_peak_tflops
 from megagpt.train.schedules import total_train_samples
 
-# Dense bf16 matmul peaks (TFLOP/s, no sparsity) of the GPUs the tool knows.
-GPU_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
+# Dense bf16 matmul peaks (TFLOP/s, no sparsity) of the GPUs the tool knows: the training logs' table.
+GPU_PEAK_TFLOPS = {gpu: known_peak_tflops(gpu, "bf16") for gpu in ("h100", "h200", "a100")}
 
 
 @dataclass
@@ -238,16 +239,18 @@ def attention_keys(cfg: Config) -> list[int]:
     return [min(m.local_window, m.seq_length) if kind == "local" else m.seq_length for kind in layer_kinds(m)]
 
 
-def model_flops_per_step(cfg: Config) -> float:
-    m, b = cfg.model, cfg.train.global_batch_size
+def model_flops_per_step(cfg: Config, samples: int | None = None) -> float:
+    """Model FLOPs of a step of `samples` sequences (default train.global_batch_size); the training logs' MFU
+    uses this same count (train/metrics.py)."""
+    m, b = cfg.model, samples if samples is not None else cfg.train.global_batch_size
     s, h, layers, vocab = m.seq_length, m.hidden_size, m.num_layers, m.vocab_size
     s_eff = sum(attention_keys(cfg)) / layers
     return 72 * b * s * layers * h * h * (1 + s_eff / (6 * h) + vocab / (12 * layers * h))
 
 
-def hardware_flops_per_step(cfg: Config) -> float:
+def hardware_flops_per_step(cfg: Config, samples: int | None = None) -> float:
     """Model FLOPs plus the forward work that activation recomputation repeats in the backward."""
-    m, b = cfg.model, cfg.train.global_batch_size
+    m, b = cfg.model, samples if samples is not None else cfg.train.global_batch_size
     s, h = m.seq_length, m.hidden_size
     core_attention = sum(4 * b * s * keys * h for keys in attention_keys(cfg))  # q k^T and softmax(.) v, forward
     repeated = {
@@ -255,7 +258,7 @@ def hardware_flops_per_step(cfg: Config) -> float:
         "selective": core_attention,
         "full": 24 * b * s * h * h * m.num_layers + core_attention,
     }[cfg.parallel.recompute]
-    return model_flops_per_step(cfg) + repeated
+    return model_flops_per_step(cfg, b) + repeated
 
 
 def estimate(

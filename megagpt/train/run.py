@@ -34,6 +34,7 @@ from megagpt.train.run_control import Checkpointer
 from megagpt.train.run_folders import RunFolders, hold_run_folders
 from megagpt.train.schedules import total_train_samples
 from megagpt.train.trainer import Trainer, TrainState
+from megagpt.train.wandb_writer import open_wandb
 
 
 def build_data(cfg: Config):
@@ -81,7 +82,8 @@ def open_run_folder(cfg: Config, resume_step: int | None = None) -> MetricsWrite
         if resume_step is None:
             keep_earlier_run(run_dir)
         dump_config(cfg, run_dir / "config.yaml")
-        return MetricsWriter(run_dir, cfg.logging.tensorboard, cfg.train.iters, resume_step)
+        wandb = open_wandb(cfg, run_dir, resume=resume_step is not None)
+        return MetricsWriter(run_dir, cfg.logging.tensorboard, cfg.train.iters, resume_step, wandb)
     except OSError as e:
         raise UserError(f"cannot write logging.dir={run_dir} ({e.strerror or e}); choose a writable folder") from None
 
@@ -212,7 +214,8 @@ def _pretrain(cfg: Config, ctx: ParallelContext, resume_from: Path | None, folde
         f"{cfg.train.precision}" + (f" (loss scale {trainer.scaler.scale:g})" if trainer.scaler else "")
     )
     if metrics is not None:
-        log.info(f"run folder {cfg.logging.dir}: config.yaml, metrics.jsonl" + (", TensorBoard" if metrics.tb else ""))
+        extras = (", TensorBoard" if metrics.tb else "") + (", Weights & Biases" if metrics.wandb else "")
+        log.info(f"run folder {cfg.logging.dir}: config.yaml, metrics.jsonl" + extras)
     if ctx.rank == 0 and cfg.model.qkv_bias and "local" in cfg.model.attention_pattern:
         log.warning(
             "this model will not export to Hugging Face: GPT-Neo (its model for local attention layers) has no query "

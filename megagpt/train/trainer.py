@@ -29,8 +29,9 @@ from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.pipeline import PipelineExecutor
 from megagpt.train.memory import MemoryReport, step_peak, tensor_bytes
-from megagpt.train.metrics import MetricsWriter
+from megagpt.train.metrics import MetricsWriter, StepPerformance, memory_fields
 from megagpt.train.optimizer import MainParamOptimizer
+from megagpt.train.peaks import device_peak
 from megagpt.train.profiler import StepProfiler
 from megagpt.train.schedules import global_batch_size, learning_rate
 
@@ -231,6 +232,7 @@ class Trainer:
         aside): losses and the gradient norm stay on the device and are read once per row."""
         cfg = self.cfg
         tokens_per_sample = cfg.model.seq_length
+        performance = StepPerformance(cfg, self.ctx.topology.world_size, device_peak(cfg, self.ctx.device))
         start_time = time.perf_counter()
         window: list[StepResult] = []
         window_time = 0.0
@@ -266,9 +268,11 @@ class Trainer:
                 "loss": loss,  # mean over the steps since the last row
                 "lr": result.lr,
                 "grad_norm": result.grad_norm.item(),
-                "tokens_per_s": sum(r.samples for r in window) * tokens_per_sample / window_time,
+                **performance.fields(sum(r.samples for r in window), len(window), window_time),
+                **memory_fields(self.ctx.device),
                 "global_batch_size": result.samples,
                 "consumed_samples": self.state.consumed_samples,
+                "consumed_tokens": self.state.consumed_samples * tokens_per_sample,
             }
             if self.scaler is not None:
                 row["loss_scale"] = self.scaler.scale

@@ -9,10 +9,12 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megagpt.cli.train import main
 from megagpt.config import load_config
 from megagpt.data.tokenizer import EOD_ID
+from megagpt.estimate import hardware_flops_per_step, model_flops_per_step
 from tests.conftest import REPO
 
 TINY = ["--config", str(REPO / "configs/tiny-cpu.yaml")]
@@ -51,6 +53,24 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def check_performance(rows, cfg, world_size):
+    """Each row's performance fields: sane, and MFU / HFU exactly the planner's FLOPs (tools/estimate.py) of the
+    row's steps over their measured time, the devices and the peak."""
+    for row in rows:
+        steps = 1 if row is rows[0] else row["step"] - rows[rows.index(row) - 1]["step"]
+        seconds = row["step_time_ms"] / 1e3 * steps
+        samples = row["global_batch_size"] * steps  # no ramp-up in these runs
+        assert row["consumed_tokens"] == row["consumed_samples"] * cfg.model.seq_length
+        assert row["tokens_per_s_per_device"] == pytest.approx(row["tokens_per_s"] / world_size)
+        assert row["tokens_per_s"] == pytest.approx(samples * cfg.model.seq_length / seconds)
+        peak = row["peak_tflops"] * 1e12
+        assert row["mfu"] == pytest.approx(model_flops_per_step(cfg, samples) / (seconds * world_size) / peak)
+        assert row["hfu"] == pytest.approx(hardware_flops_per_step(cfg, samples) / (seconds * world_size) / peak)
+        assert row["tflops_per_device"] == pytest.approx(row["mfu"] * row["peak_tflops"])
+        assert row["peak_source"] == "measured" and row["peak_tflops"] > 0 and 0 < row["mfu"]
+        assert 0.05 < row["rss_gib"] < 64 and "mem_max_allocated_gib" not in row  # CPU: the resident set only
+
+
 def test_torchrun_single_process_matches_plain_python_and_writes_the_run_folder(tmp_path):
     overrides = ["train.iters=6", "train.eval_interval=3", "train.eval_iters=1"]
     run_dir = tmp_path / "torchrun"
@@ -66,7 +86,17 @@ def test_torchrun_single_process_matches_plain_python_and_writes_the_run_folder(
     assert "step 6/6 | loss" in result.stdout and "eta" in result.stdout
     resolved = load_config(run_dir / "config.yaml")
     assert resolved.train.iters == 6 and resolved.model.num_layers == 4
-    assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    check_performance(rows, resolved, world_size=1)
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    for key in ("mfu", "step_time_ms", "tflops_per_device", "tokens_per_s_per_device", "rss_gib"):
+        assert [e.value for e in events.Scalars(f"train/{key}")] == pytest.approx([row[key] for row in rows]), key
+    by_tokens = events.Scalars("train_by_tokens/loss")
+    assert [(e.step, e.value) for e in by_tokens] == [(r["consumed_tokens"], pytest.approx(r["loss"])) for r in rows]
+    assert [e.step for e in events.Scalars("valid_by_tokens/val_loss")] == [
+        rows[2]["consumed_tokens"],
+        rows[5]["consumed_tokens"],
+    ]
 
     # The same run in this process, launched as plain python, computes exactly the same numbers.
     plain = run_in_process(tmp_path, *overrides, "logging.log_interval=1")
@@ -91,6 +121,7 @@ def test_torchrun_tensor_sequence_and_data_parallel_matches_one_process(tmp_path
     assert [r["loss"] for r in rows] == pytest.approx(losses(single), rel=1e-5)
     assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in single], rel=1e-4)
     assert rows[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-5)
+    check_performance(rows, load_config(run_dir / "config.yaml"), world_size=4)
 
 
 def test_gradient_accumulation_and_determinism(tmp_path):

@@ -38,11 +38,16 @@ def count_reads(monkeypatch) -> collections.Counter:
 
 
 def test_steps_between_logged_rows_read_nothing_back(tmp_path, monkeypatch):
+    """Also: the rows' performance fields cost no read, and training needs no wandb (an import of it fails here)."""
     cfg = tiny_config(*BASE, "train.iters=10", "logging.log_interval=5", f"logging.dir={tmp_path}")
+    monkeypatch.setitem(sys.modules, "wandb", None)
     reads = count_reads(monkeypatch)
     state = pretrain(cfg, ParallelContext.single_process())
     monkeypatch.undo()
     assert [row["step"] for row in state.history] == [5, 10]
+    for row in state.history:
+        assert row["step_time_ms"] > 0 and row["tflops_per_device"] > 0 and row["mfu"] > 0 and row["rss_gib"] > 0
+        assert row["peak_source"] == "measured" and row["hfu"] == row["mfu"]  # CPU; no recomputation
     reads.pop("read_batch", None)  # checks token ids of CPU samples before they go to the device
     reads.pop("ensure_same_config", None)  # once, before training
     # Per logged row: the window's losses in one read, the last step's gradient norm in another.
