@@ -63,7 +63,11 @@ class ParallelConfig:
     pp: int = option(1, "pipeline-parallel degree (splits layers into stages)")
     vpp: int = option(1, "model chunks per pipeline rank (interleaved schedule)")
     sequence_parallel: bool = option(False, "shard LayerNorm/dropout regions along the sequence across tp")
-    zero: int = option(0, "ZeRO stage: 0 (none) or 1 (optimizer state sharded across dp)")
+    zero: int = option(
+        0,
+        "ZeRO stage over dp: 0 (none), 1 (optimizer state sharded), 2 (and gradients), 3 (and parameters, "
+        "gathered per layer around its forward and backward)",
+    )
     recompute: Literal["none", "selective", "full"] = option("none", "activation recomputation")
     grad_bucket_mb: float = option(25.0, "size of the data-parallel gradient buckets reduced during backward")
     timeout_s: float = option(600.0, "every collective and pipeline send/receive fails after this many seconds")
@@ -423,7 +427,7 @@ def _parallel_problems(p: ParallelConfig) -> list[str]:
     problems = _Problems()
     for key in ("tp", "pp", "vpp"):
         problems.check(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be at least 1")
-    problems.check(p.zero in (0, 1), f"parallel.zero={p.zero} must be 0 or 1")
+    problems.check(p.zero in (0, 1, 2, 3), f"parallel.zero={p.zero} must be 0, 1, 2 or 3")
     problems.check(p.grad_bucket_mb > 0, f"parallel.grad_bucket_mb={p.grad_bucket_mb} must be positive")
     problems.check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive")
     if p.pp >= 1 and p.vpp >= 1:
