@@ -68,6 +68,12 @@ class ParallelConfig:
         "ZeRO stage over dp: 0 (none), 1 (optimizer state sharded), 2 (and gradients), 3 (and parameters, "
         "gathered per layer around its forward and backward)",
     )
+    zero_accumulate: Literal["slice", "bucket"] = option(
+        "slice",
+        "zero 2 and 3 with several micro-batches: slice reduce-scatters each micro-batch's gradients into the rank's "
+        "slice (full buffers only while a bucket fills); bucket accumulates in full buffers kept through the "
+        "step and reduce-scatters once (zero 1's traffic and gradient memory during the step)",
+    )
     recompute: Literal["none", "selective", "full"] = option("none", "activation recomputation")
     grad_bucket_mb: float = option(25.0, "size of the data-parallel gradient buckets reduced during backward")
     timeout_s: float = option(600.0, "every collective and pipeline send/receive fails after this many seconds")

@@ -2,9 +2,10 @@
 as layout-free pieces (copy_weights: the weights back, cut for any layout), and its random states.
 
 Each tensor is written once: dp rank 0 writes the weights (ZeRO-3: every dp rank its slices of them), and the
-optimizer state unless ZeRO splits it over dp (then every dp rank writes its own slices); tp rank 0 writes what tp replicates; the last stage's copy of the
-tied token embedding is left to the first stage (they are equal). The components are read through their
-state_dict(): the optimizer's pieces, the tensor-parallel RNG's stream; nothing here reaches into them.
+optimizer state unless ZeRO splits it over dp (then every dp rank writes its own slices); tp rank 0 writes what
+tp replicates; the last stage's copy of the tied token embedding is left to the first stage (they are equal).
+The components are read through their state_dict(): the optimizer's pieces, the tensor-parallel RNG's stream;
+nothing here reaches into them.
 """
 
 from __future__ import annotations

@@ -79,4 +79,5 @@ def build_grad_buckets(cfg: Config, ctx: ParallelContext, chunks: torch.nn.Modul
         bucket_bytes=cfg.parallel.grad_bucket_mb * 2**20,
         zero=zero,
         units=zero_units(chunks) if zero == 3 else None,
+        accumulate=cfg.parallel.zero_accumulate,
     )

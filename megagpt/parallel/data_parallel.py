@@ -21,14 +21,14 @@ pipeline, with other micro-batches). `finish()` waits for the reductions.
 
 ZeRO-2/3 with gradient accumulation, two ways (`accumulate`):
 
-    "bucket"  (the default) micro-batches add into the transient full buffer; after the step's last micro-batch
-              the bucket is reduce-scattered once into the owned slice. The same traffic as zero=1; the full
-              buffer lives from a bucket's first gradient of the step to the end of backward.
-    "slice"   each micro-batch's gradients are reduce-scattered as soon as the bucket has them and added into the
-              owned slice; the full buffer is freed in between. num_micro_batches times the traffic, and the
-              full buffer lives only while one micro-batch's bucket fills.
+    "slice"   (the default) each micro-batch's gradients are reduce-scattered as soon as the bucket has them
+              and added into the owned slice; the full buffer is freed in between. num_micro_batches times the
+              traffic, and a full buffer lives only while one micro-batch's bucket fills (and one in flight).
+    "bucket"  micro-batches add into the full buffer; after the step's last micro-batch the bucket is
+              reduce-scattered once into the owned slice. zero=1's traffic, but the full buffers live from a
+              bucket's first gradient of the step to the end of backward: during the step, zero=1's memory.
 
-bench/zero.py measures both (docs/benchmarks.md): "bucket" is the default for its lower step time.
+parallel.zero_accumulate picks one; bench/zero.py measures both (docs/benchmarks.md).
 
 `owned_pieces()` lists, as (param, start, end) ranges of the flattened parameter, what this rank updates:
 everything with zero=0, its slices with zero >= 1. The optimizer (train/optimizer.py) keeps its state for those,
@@ -60,7 +60,7 @@ import torch
 from megagpt.parallel.comm import all_gather_flat, all_reduce, named_failure, reduce_scatter_flat
 from megagpt.parallel.context import Group
 from megagpt.parallel.params import spec_of
-from megagpt.parallel.zero3 import ParamGatherer, alloc_storage, free_storage, has_storage
+from megagpt.parallel.zero3 import ParamGatherer, TransientBytes, alloc_storage, free_storage, has_storage
 
 ACCUMULATE = ("bucket", "slice")
 
@@ -94,7 +94,7 @@ class GradBuckets:
         bucket_bytes: float,
         zero: int = 0,
         units: list[list[Unit]] | None = None,
-        accumulate: str = "bucket",
+        accumulate: str = "slice",
     ):
         if zero not in (0, 1, 2, 3) or accumulate not in ACCUMULATE:
             raise ValueError(f"zero={zero} must be 0 to 3 and accumulate={accumulate!r} one of {ACCUMULATE}")
@@ -120,7 +120,9 @@ class GradBuckets:
         for bucket_params in self._bucket_groups(unit_params, bucket_bytes):
             self._add_bucket(bucket_params)
         self._reset_counts()
-        self.gatherer = ParamGatherer(units, self.bucket_of, dp_group) if self.shard_params else None
+        # The full buffers zero 2 and 3 allocate only while in use (gradients, gathered parameters), counted.
+        self.transient = TransientBytes()
+        self.gatherer = ParamGatherer(units, self.bucket_of, dp_group, self.transient) if self.shard_params else None
 
     def _bucket_groups(self, unit_params: list[list], bucket_bytes: float) -> list[list[torch.nn.Parameter]]:
         """Parameters in backward order, cut into buckets of about bucket_bytes, never across a unit."""
@@ -232,6 +234,11 @@ class GradBuckets:
             bucket.pending -= 1
         if self.shard_grads and self.accumulate == "slice":
             if bucket.unscattered == len(bucket.params):  # this micro-batch's gradients of the bucket are in
+                # Settle the reductions launched before (backward has moved on, they are likely done): at most
+                # one full buffer stays in flight, besides the ones filling.
+                for earlier in self.buckets:
+                    if earlier.work is not None:
+                        self._settle(earlier)
                 self._launch(bucket)
         elif bucket.pending == 0:
             self._launch(bucket)
@@ -242,6 +249,7 @@ class GradBuckets:
             self._settle(bucket)
         if alloc_storage(bucket.buffer):
             bucket.buffer.zero_()
+            self.transient.add(bucket.buffer)
 
     def _launch(self, bucket: Bucket) -> None:
         # Dividing first makes the sum the mean over dp, in the same precision whatever dp is.
@@ -263,7 +271,7 @@ class GradBuckets:
         if self.shard_grads:
             low, high = self.owned_range(bucket)
             bucket.grad_shard.add_(bucket.buffer[low:high])
-            free_storage(bucket.buffer)
+            self.transient.free(bucket.buffer)
 
     def finish(self) -> None:
         """Wait for every bucket's reduction (starting any whose parameters got no gradient, or, zero >= 2, any
@@ -327,7 +335,7 @@ class GradBuckets:
             if self.shard_grads:
                 bucket.grad_shard.zero_()
                 if has_storage(bucket.buffer):
-                    free_storage(bucket.buffer)
+                    self.transient.free(bucket.buffer)
             else:
                 bucket.buffer.zero_()
         for param in self.params:

@@ -59,6 +59,26 @@ def has_storage(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "meta" or tensor.untyped_storage().nbytes() > 0
 
 
+class TransientBytes:
+    """Bytes of the full buffers ZeRO-2/3 allocate only while in use, and their peak since `reset_peak()`:
+    storage resizes are no operator the CPU allocation tracker (train/memory.py) sees, so they are counted here."""
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self.live += tensor.numel() * tensor.element_size()
+        self.peak = max(self.peak, self.live)
+
+    def free(self, tensor: torch.Tensor) -> None:
+        free_storage(tensor)
+        self.live -= tensor.numel() * tensor.element_size()
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+
 def in_backward() -> bool:
     """Whether autograd's engine is running this code (a recomputed forward inside backward)."""
     return torch._C._current_graph_task_id() != -1
@@ -96,8 +116,11 @@ class ParamGatherer:
     chunks: per pipeline chunk, its units in forward order, the root first: [(module, params), ...].
     bucket_of: each parameter's bucket (with `param_buffer` and `param_shard`)."""
 
-    def __init__(self, chunks: list[list[tuple[torch.nn.Module, list]]], bucket_of: dict, dp_group: Group):
+    def __init__(
+        self, chunks: list[list[tuple[torch.nn.Module, list]]], bucket_of: dict, dp_group: Group, transient=None
+    ):
         self.dp_group = dp_group
+        self.transient = transient if transient is not None else TransientBytes()
         self.units: list[_Unit] = []
         self.unit_of: dict = {}
         for chunk in chunks:
@@ -146,8 +169,11 @@ class ParamGatherer:
         if unit.gathered:
             return
         for bucket in unit.buckets:
-            alloc_storage(bucket.param_buffer)
-            unit.works.append(all_gather_flat(bucket.param_buffer, self.dp_group, async_op=True, local=bucket.param_shard))
+            if alloc_storage(bucket.param_buffer):
+                self.transient.add(bucket.param_buffer)
+            unit.works.append(
+                all_gather_flat(bucket.param_buffer, self.dp_group, async_op=True, local=bucket.param_shard)
+            )
         unit.gathered = True
 
     def wait(self, unit: _Unit) -> None:
@@ -170,7 +196,7 @@ class ParamGatherer:
             return
         self.wait(unit)  # never free memory a collective still writes into
         for bucket in unit.buckets:
-            free_storage(bucket.param_buffer)
+            self.transient.free(bucket.param_buffer)
         unit.gathered = False
 
     def release(self) -> None:

@@ -184,9 +184,12 @@ class Trainer:
     def measured_step(self) -> StepResult:
         """A train_step whose memory is measured: each rank's MemoryReport, gathered into state.memory and
         logged one line per pipeline stage (the ranks of one stage hold about the same)."""
+        self.buckets.transient.reset_peak()
         with step_peak(self.ctx.device) as peak:
             result = self.train_step()
         params_bytes, grads_bytes = self.buckets.stored_bytes()  # zero 2 and 3 keep slices of them
+        if self.ctx.device.type != "cuda":  # storage resizes (zero 2, 3) escape the CPU tracker: add their peak
+            peak["peak_bytes"] += self.buckets.transient.peak
         report = MemoryReport(
             params_bytes=params_bytes,
             grads_bytes=grads_bytes,
