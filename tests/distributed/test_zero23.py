@@ -102,7 +102,16 @@ def dp4_world(rank, world_size, root, reference_checkpoint):
         rank, topology, zero_config(1, 1, False, root / "fr", "parallel.zero=3", *load)
     )
     for zero in (1, 3):  # bf16 with fp32 main weights: zero 3 computes what zero 1 does
-        cfg = zero_config(1, 1, False, root / f"bf16_{zero}", f"parallel.zero={zero}", "train.precision=bf16", steps=3)
+        cfg = zero_config(
+            1,
+            1,
+            False,
+            root / f"bf16_{zero}",
+            f"parallel.zero={zero}",
+            "train.precision=bf16",
+            "parallel.zero_accumulate=bucket",
+            steps=3,
+        )
         out[f"bf16_{zero}"], _ = pretrain_in(rank, topology, cfg)
     return out
 
@@ -183,8 +192,10 @@ def tp2_pp2_dp2_world(rank, world_size, run_dir):
     cfg = zero_config(2, 2, True, f"{run_dir}/grads", "parallel.zero=3")
     loss, grads, norm = one_step_gradients(cfg, ctx)
     out = {"loss": loss, "norm": norm, "grads": grads if (ctx.tp_group.index, ctx.dp_group.index) == (0, 0) else {}}
-    for zero, recompute in ((2, "selective"), (3, "full")):
-        cfg = zero_config(2, 2, True, f"{run_dir}/z{zero}", f"parallel.zero={zero}", f"parallel.recompute={recompute}")
+    for zero, recompute, steps in ((2, "selective", 4), (3, "full", STEPS)):
+        cfg = zero_config(
+            2, 2, True, f"{run_dir}/z{zero}", f"parallel.zero={zero}", f"parallel.recompute={recompute}", steps=steps
+        )
         out[f"curve{zero}"], _ = pretrain_in(rank, topology, cfg)
     return out
 
@@ -196,6 +207,6 @@ def test_zero2_and_zero3_with_tensor_sequence_and_pipeline_parallelism(tmp_path,
         assert out["loss"] == pytest.approx(reference["loss"], rel=1e-6), rank
         assert out["norm"] == pytest.approx(reference["norm"], rel=1e-5), rank
         stage_grads.update(out["grads"])  # each pipeline stage's layers, once
-        assert_same_curve(out["curve2"], reference["curve"], f"rank {rank} zero=2 recompute selective")
+        assert_same_curve(out["curve2"], reference["curve"][:4], f"rank {rank} zero=2 recompute selective")
         assert_same_curve(out["curve3"], reference["curve"], f"rank {rank} zero=3 recompute full")
     assert_same_gradients(stage_grads, reference["grads"], "tp2 x pp2 x dp2 zero=3")
