@@ -102,7 +102,7 @@ def dp4_world(rank, world_size, root, reference_checkpoint):
         rank, topology, zero_config(1, 1, False, root / "fr", "parallel.zero=3", *load)
     )
     for zero in (1, 3):  # bf16 with fp32 main weights: zero 3 computes what zero 1 does
-        cfg = zero_config(1, 1, False, root / f"bf16_{zero}", f"parallel.zero={zero}", "train.precision=bf16", steps=3)
+        cfg = zero_config(1, 1, False, root / f"bf16_{zero}", f"parallel.zero={zero}", "train.precision=bf16", steps=2)
         out[f"bf16_{zero}"], _ = pretrain_in(rank, topology, cfg)
     return out
 
@@ -185,7 +185,7 @@ def tp2_pp2_dp2_world(rank, world_size, run_dir):
     cfg = zero_config(2, 2, True, f"{run_dir}/grads", "parallel.zero=3")
     loss, grads, norm = one_step_gradients(cfg, ctx)
     out = {"loss": loss, "norm": norm, "grads": grads if (ctx.tp_group.index, ctx.dp_group.index) == (0, 0) else {}}
-    for zero, recompute, steps in ((2, "selective", 4), (3, "full", STEPS)):
+    for zero, recompute, steps in ((2, "selective", 4), (3, "full", 6)):
         cfg = zero_config(
             2, 2, True, f"{run_dir}/z{zero}", f"parallel.zero={zero}", f"parallel.recompute={recompute}", steps=steps
         )
@@ -201,5 +201,5 @@ def test_zero2_and_zero3_with_tensor_sequence_and_pipeline_parallelism(tmp_path,
         assert out["norm"] == pytest.approx(reference["norm"], rel=1e-5), rank
         stage_grads.update(out["grads"])  # each pipeline stage's layers, once
         assert_same_curve(out["curve2"], reference["curve"][:4], f"rank {rank} zero=2 recompute selective")
-        assert_same_curve(out["curve3"], reference["curve"], f"rank {rank} zero=3 recompute full")
+        assert_same_curve(out["curve3"], reference["curve"][:6], f"rank {rank} zero=3 recompute full")
     assert_same_gradients(stage_grads, reference["grads"], "tp2 x pp2 x dp2 zero=3")
