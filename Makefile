@@ -25,6 +25,7 @@ demo: setup
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node 4 launcher/pretrain.py \
 		--config configs/demo-cpu.yaml parallel.tp=2 parallel.pp=2
 	$(PY) tools/demo_report.py --run runs/demo-cpu --data $(DEMO_DATA)
+	$(PY) tools/plot.py runs/demo-cpu --panels loss --out runs/demo-cpu/loss.png
 
 test: setup
 	$(PY) -m pytest -q

@@ -155,6 +155,11 @@ class CheckpointConfig:
     exit_after_minutes: float | None = option(
         None, "save and stop at the first step boundary after this many minutes (jobs with a wall-clock limit)"
     )
+    async_save: bool = option(
+        False,
+        "copy the state to host memory at a save and write it in the background; published once every rank's "
+        "writer has finished (a stop or the end of training waits for it)",
+    )
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,19 @@ class LoggingConfig:
     tensorboard: bool = option(True, "write TensorBoard scalars into logging.dir")
     memory_report: bool = option(
         True, "log each rank's memory after the first step (on CPU that step runs slower, under an allocation tracker)"
+    )
+    profile: str | int | None = option(
+        None,
+        "run torch.profiler over these steps, e.g. '5-7' or 5 (as numbered in the logs), writing one Chrome trace "
+        "per rank into logging.dir/traces; null: off",
+    )
+    profile_ranks: list[int] | Literal["all"] = option(
+        "all", "the global ranks that write a trace when logging.profile is set: all, or a list such as [0, 4]"
+    )
+    memory_snapshot: bool = option(
+        False,
+        "CUDA only, with logging.profile: record the allocator's history from the first step and dump it at the "
+        "profiled window's end into logging.dir/traces (for pytorch.org/memory_viz)",
     )
 
 
@@ -537,6 +555,7 @@ def _checkpoint_problems(c: CheckpointConfig) -> list[str]:
         ("save_interval", c.save_interval or None),
         ("load=auto", c.load == "auto" or None),
         ("exit_after_minutes", c.exit_after_minutes),
+        ("async_save", c.async_save or None),
     ):
         problems.check(value is None or c.dir is not None, f"checkpoint.{key} needs checkpoint.dir; set where to save")
     problems.check(
@@ -547,7 +566,38 @@ def _checkpoint_problems(c: CheckpointConfig) -> list[str]:
 
 
 def _logging_problems(lg: LoggingConfig) -> list[str]:
-    return [] if lg.log_interval >= 1 else ["logging.log_interval must be at least 1"]
+    problems = _Problems()
+    problems.check(lg.log_interval >= 1, "logging.log_interval must be at least 1")
+    problems.extend(_user_error(profile_steps, lg))
+    if lg.profile_ranks != "all":
+        problems.check(
+            len(lg.profile_ranks) > 0 and len(set(lg.profile_ranks)) == len(lg.profile_ranks),
+            f"logging.profile_ranks={lg.profile_ranks} must list each rank once (or be all)",
+        )
+    problems.check(
+        not lg.memory_snapshot or lg.profile is not None,
+        "logging.memory_snapshot is dumped at the end of the profiled steps; set logging.profile too, e.g. "
+        "logging.profile=5-7",
+    )
+    return problems
+
+
+def profile_steps(lg: LoggingConfig) -> tuple[int, int] | None:
+    """The first and last step logging.profile asks for (steps numbered from 1, as logged), or None when off."""
+    if lg.profile is None:
+        return None
+    text = str(lg.profile).strip()
+    first, dash, last = text.partition("-")
+    try:
+        start, end = int(first), int(last) if dash else int(first)
+    except ValueError:
+        start = end = 0
+    if not 1 <= start <= end:
+        raise UserError(
+            f"logging.profile={lg.profile!r} must be a step or a range of steps such as '5-7' (first <= last, "
+            f"steps counted from 1)"
+        )
+    return start, end
 
 
 def _cross_section_problems(cfg: Config, world_size: int) -> list[str]:
@@ -556,6 +606,7 @@ def _cross_section_problems(cfg: Config, world_size: int) -> list[str]:
     problems = _Problems()
     problems.extend(_layout_problems(cfg, world_size))
     problems.extend(_device_problems(cfg.model, cfg.train))
+    problems.extend(_profile_problems(cfg.logging, cfg.train, world_size))
     o, t, d = cfg.optim, cfg.train, cfg.data
     decay = o.decay_iters if o.decay_iters is not None else t.iters
     problems.check(
@@ -640,9 +691,7 @@ def _device_problems(m: ModelConfig, t: TrainConfig) -> list[str]:
     """The CUDA-only features against the device the run will use (probed only when one is asked for)."""
     if m.attention_backend != "flex" and m.fused_kernels != "on":
         return []
-    import torch  # only here: the rest of validation needs no torch
-
-    on_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    on_cuda = _runs_on_cuda(t)
     problems = _Problems()
     problems.check(
         m.fused_kernels != "on" or on_cuda,
@@ -654,6 +703,39 @@ def _device_problems(m: ModelConfig, t: TrainConfig) -> list[str]:
         f"model.attention_backend=flex trains only on CUDA (FlexAttention has no backward on CPU) but "
         f"train.device={t.device} runs on the CPU; set train.device=cuda or use attention_backend=auto",
     )
+    return problems
+
+
+def _runs_on_cuda(t: TrainConfig) -> bool:
+    """Whether the run will use CUDA (probed only for the checks that need to know)."""
+    import torch  # only here: the rest of validation needs no torch
+
+    return t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+
+
+def _profile_problems(lg: LoggingConfig, t: TrainConfig, world_size: int) -> list[str]:
+    """The profiled window against the run's length, its ranks against the world, the snapshot against the device."""
+    problems = _Problems()
+    if lg.profile is not None and not _user_error(profile_steps, lg):
+        end = profile_steps(lg)[1]
+        problems.check(
+            end <= t.iters,
+            f"logging.profile={lg.profile!r} ends at step {end}, after the last step train.iters={t.iters}; "
+            f"profile steps the run takes",
+        )
+    if lg.profile_ranks != "all":
+        outside = sorted(r for r in set(lg.profile_ranks) if not 0 <= r < world_size)
+        problems.check(
+            not outside,
+            f"logging.profile_ranks names ranks {outside} outside the world of {world_size} (ranks 0 to "
+            f"{world_size - 1})",
+        )
+    if lg.memory_snapshot:
+        problems.check(
+            _runs_on_cuda(t),
+            f"logging.memory_snapshot records the CUDA allocator, but train.device={t.device} runs on the CPU; "
+            f"turn it off or train on a GPU",
+        )
     return problems
 
 

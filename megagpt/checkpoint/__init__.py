@@ -8,6 +8,8 @@
                    (open_checkpoint), and which checkpoint checkpoint.load means (resolve_load)
     rank_state.py  what one rank writes (its pieces of weights and optimizer state) and its random states
     save.py        a training run's save: every rank writes its file, rank 0 publishes
+    async_save.py  checkpoint.async_save: state copied to host buffers, written by a background thread, published
+                   once the ranks agree (at step boundaries) that every writer has finished
     publish.py     atomic publish (metadata last, rename, `latest`), keep-K pruning, the background pruner
     offline.py     one process writing a whole checkpoint (resharding, conversion from Hugging Face)
     load.py        resuming: weights, optimizer, data position, loss scaler, random states

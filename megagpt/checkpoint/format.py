@@ -83,8 +83,9 @@ class TensorShard:
             return self.shape
         return tuple(n * self.tp_size if d == self.dim else n for d, n in enumerate(self.shape))
 
-    def piece(self, kind: str, data: torch.Tensor, start: int = 0) -> dict:
-        """The piece of kind `kind` holding data, the flat range [start, start + data.numel()) of this shard."""
+    def piece(self, kind: str, data: torch.Tensor, start: int = 0, copy_out=None) -> dict:
+        """The piece of kind `kind` holding data, the flat range [start, start + data.numel()) of this shard.
+        copy_out(data) makes its host copy (an asynchronous save's reused buffers); by default a new tensor."""
         data = data.detach().reshape(-1)
         return {
             "kind": kind,
@@ -97,7 +98,7 @@ class TensorShard:
             "end": start + data.numel(),
             # A copy in host memory: no second copy of the state on the GPU, and no view that would make
             # torch.save write the whole storage it points into (a ZeRO-1 bucket).
-            "data": data.to("cpu", copy=True),
+            "data": copy_out(data) if copy_out is not None else data.to("cpu", copy=True),
         }
 
     def cut(self, full: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
@@ -119,11 +120,35 @@ def piece_index(pieces: list[dict], file: str) -> list[list]:
 
 
 def sha256_of(path: Path) -> str:
+    """A file's sha256, read back (loading verifies with it; saving hashes while writing: HashingWriter)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class HashingWriter:
+    """A binary file that hashes and counts what is written through it: torch.save writes a rank file front to
+    back, so its sha256 and size come out of the write itself, without reading the file again (saving 2.4 TB
+    once instead of writing it and reading it back). hashlib releases the GIL on large blocks."""
+
+    def __init__(self, file):
+        self.file = file
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += memoryview(data).nbytes
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def record(self) -> dict:
+        """The file's entry in metadata.json's files: {"bytes", "sha256"}."""
+        return {"bytes": self.bytes, "sha256": self.sha256.hexdigest()}
 
 
 def fit_vocab_rows(full: torch.Tensor, target: TensorShard, vocab_size: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from megagpt.checkpoint.format import CheckpointMetadata, piece_index, rank_file, rank_file_payload, sha256_of
+from megagpt.checkpoint.format import CheckpointMetadata, piece_index, rank_file, rank_file_payload
 from megagpt.checkpoint.paths import complete_checkpoints, process_tag, step_folder, temporary_folder
 from megagpt.checkpoint.publish import publish_checkpoint, write_rank_file
 from megagpt.errors import UserError
@@ -34,8 +34,7 @@ class OfflineCheckpointWriter:
 
     def add_rank(self, rank: int, pieces: list[dict]) -> None:
         path = self.tmp / rank_file(rank)
-        write_rank_file(rank_file_payload(pieces, None), path)  # rng None: seeded on load
-        self.files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        self.files[path.name] = write_rank_file(rank_file_payload(pieces, None), path)  # rng None: seeded on load
         self.index += piece_index(pieces, path.name)
 
     def finish(self, metadata: CheckpointMetadata) -> Path:

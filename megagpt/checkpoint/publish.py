@@ -15,18 +15,22 @@ from pathlib import Path
 
 import torch
 
-from megagpt.checkpoint.format import METADATA, CheckpointMetadata
+from megagpt.checkpoint.format import METADATA, CheckpointMetadata, HashingWriter
 from megagpt.checkpoint.paths import LATEST, complete_checkpoints
 from megagpt.log import get_logger
 
 
-def write_rank_file(payload: dict, path: Path) -> None:
+def write_rank_file(payload: dict, path: Path) -> dict:
+    """Write a rank file durably (into path.partial, fsynced, renamed); returns its {"bytes", "sha256"}, hashed
+    while writing."""
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as f:
-        torch.save(payload, f)
+        hashing = HashingWriter(f)
+        torch.save(payload, hashing)
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
+    return hashing.record()
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -48,21 +48,22 @@ def writes_state(param, shard: TensorShard, tp_index: int, dp_index: int, zero: 
     return (dp_index == 0 or zero) and (shard.dim >= 0 or tp_index == 0) and not replica
 
 
-def rank_pieces(trainer) -> list[dict]:
-    """This rank's share of the weights and optimizer state, as pieces. Under ZeRO-3 the whole weights exist only
-    around a layer's use, so each dp rank writes its slices of them, as it does its optimizer state."""
+def rank_pieces(trainer, copy_out=None) -> list[dict]:
+    """This rank's share of the weights and optimizer state, as pieces (their data copied to host memory by
+    copy_out, see TensorShard.piece). Under ZeRO-3 the whole weights exist only around a layer's use, so each dp
+    rank writes its slices of them, as it does its optimizer state."""
     tp_index, dp_index = trainer.ctx.tp_group.index, trainer.ctx.dp_group.index
     shards = param_shards(trainer)
     buckets = trainer.buckets
     if buckets.shard_params:
         pieces = [
-            shards[param].piece("weight", buckets.param_piece(param, start, end), start)
+            shards[param].piece("weight", buckets.param_piece(param, start, end), start, copy_out)
             for param, start, end in buckets.owned_pieces()
             if writes_state(param, shards[param], tp_index, dp_index, True)
         ]
     else:
         pieces = [
-            shard.piece("weight", param)
+            shard.piece("weight", param, copy_out=copy_out)
             for param, shard in shards.items()
             if writes_weight(param, shard, tp_index, dp_index)
         ]
@@ -71,9 +72,9 @@ def rank_pieces(trainer) -> list[dict]:
         param, start = state["param"], state["start"]
         shard = shards[param]
         if writes_state(param, shard, tp_index, dp_index, optimizer["sharded"]):
-            pieces += [shard.piece(kind, state[kind], start) for kind in MOMENTS]
+            pieces += [shard.piece(kind, state[kind], start, copy_out) for kind in MOMENTS]
             if "main" in state:  # the fp32 main weight, where it is a copy of a bf16/fp16 model's weight
-                pieces.append(shard.piece("main", state["main"], start))
+                pieces.append(shard.piece("main", state["main"], start, copy_out))
     return pieces
 
 

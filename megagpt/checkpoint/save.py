@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,35 +52,68 @@ def save_checkpoint(
     step = trainer.state.step
     final, tmp = root / step_folder(step), temporary_folder(root, step, run_tag)
     start = time.perf_counter()
-    if ctx.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier(ctx.world_group)
+    prepare_temporary_folder(ctx.rank, root, tmp, ctx.world_group)
 
     path = tmp / rank_file(ctx.rank)
-    write_own_file(trainer, path, final)
-    files = gather_file_records(ctx, path)
+    record = write_own_file(trainer, path, final)
+    files = gather_file_records(record, ctx.world_group, ctx.device)
     if ctx.rank == 0:
-        publish_checkpoint(tmp, final, training_metadata(trainer, files, collect_indexes(tmp, files)))
-        if pruner is not None:
-            pruner.start(root, keep, final, clear_stale, run_tag)
-        else:
-            prune(root, keep, final, clear_stale, run_tag)
+        metadata = training_metadata(trainer, files, collect_indexes(tmp, files))
+        publish_and_prune(tmp, final, metadata, Pruning(root, keep, pruner, clear_stale, run_tag))
     barrier(ctx.world_group)
     get_logger().info(f"saved checkpoint {final} in {time.perf_counter() - start:.1f}s")
     return final
 
 
-def write_own_file(trainer, path: Path, final: Path) -> None:
-    """Write this rank's file (and the index of its pieces beside it, for rank 0). Every rank learns whether any
-    could not write, so none is left waiting in the gather that follows: then all raise, and the folder goes."""
+@dataclass(frozen=True)
+class Pruning:
+    """What rank 0 deletes after a publish: all but the newest `keep` in root (and, with clear_stale, the
+    temporaries of killed saves other than run_tag's), in the pruner's thread when there is one."""
+
+    root: Path
+    keep: int
+    pruner: BackgroundPruner | None = None
+    clear_stale: bool = True
+    run_tag: str = ""
+
+
+def prepare_temporary_folder(rank: int, root: Path, tmp: Path, group) -> None:
+    """Rank 0 makes the save's temporary folder (empty); every rank waits for it before writing into it."""
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier(group)
+
+
+def publish_and_prune(tmp: Path, final: Path, metadata: CheckpointMetadata, pruning: Pruning) -> None:
+    """Rank 0, once every rank's file is written: publish tmp as final (publish.py), then prune."""
+    publish_checkpoint(tmp, final, metadata)
+    p = pruning
+    if p.pruner is not None:
+        p.pruner.start(p.root, p.keep, final, p.clear_stale, p.run_tag)
+    else:
+        prune(p.root, p.keep, final, p.clear_stale, p.run_tag)
+
+
+def write_files(pieces: list[dict], rng: dict | None, path: Path) -> dict:
+    """This rank's file, and the index of its pieces beside it (rank 0 collects them into metadata.json);
+    returns the file's {"bytes", "sha256"}, hashed while writing. The asynchronous save's writer calls it too."""
+    record = write_rank_file(rank_file_payload(pieces, rng), path)
+    if record is None:  # a replacement of write_rank_file that reports nothing (tests wrap it): read the file back
+        record = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    write_text_atomically(index_file(path), json.dumps(piece_index(pieces, path.name)))
+    return record
+
+
+def write_own_file(trainer, path: Path, final: Path) -> dict:
+    """Write this rank's file (and the index of its pieces beside it, for rank 0); returns its record. Every rank
+    learns whether any could not write, so none is left waiting in the gather that follows: then all raise, and
+    the folder goes."""
     ctx = trainer.ctx
-    pieces = rank_pieces(trainer)
-    error = None
+    error, record = None, {}
     try:
-        write_rank_file(rank_file_payload(pieces, random_states(trainer)), path)
-        write_text_atomically(index_file(path), json.dumps(piece_index(pieces, path.name)))
+        record = write_files(rank_pieces(trainer), random_states(trainer), path)
     except (OSError, RuntimeError) as e:  # a full disk, a quota; torch.save reports them as RuntimeError
         error = e
     failed = torch.tensor([float(error is not None)], device=ctx.device)
@@ -88,16 +122,19 @@ def write_own_file(trainer, path: Path, final: Path) -> None:
         if ctx.rank == 0:
             shutil.rmtree(path.parent, ignore_errors=True)
         barrier(ctx.world_group)
-        raise CheckpointError(save_failure(final, final.parent, error, ctx.rank))
+        why = failure_cause(error, ctx.rank, path) if error is not None else None
+        raise CheckpointError(save_failure(final, final.parent, why))
+    return record
 
 
-def gather_file_records(ctx, path: Path) -> dict[str, dict]:
-    """Every rank's {"bytes", "sha256"} of its file, by file name, on rank 0 (empty elsewhere)."""
-    digest = sha256_of(path)
+def gather_file_records(record: dict, group, device: torch.device) -> dict[str, dict]:
+    """Every rank's {"bytes", "sha256"} of its file (record: this rank's), by file name, on the group's first rank
+    (empty elsewhere)."""
+    digest = record["sha256"]
     # Each rank's sha256 (as 8 signed 32-bit words) and size, gathered to rank 0 for the metadata.
-    mine = torch.tensor([int(digest[i : i + 8], 16) - 2**31 for i in range(0, 64, 8)] + [path.stat().st_size])
-    everyone = all_gather(mine.unsqueeze(0).to(ctx.device), 0, ctx.world_group).cpu()
-    if ctx.rank != 0:
+    mine = torch.tensor([int(digest[i : i + 8], 16) - 2**31 for i in range(0, 64, 8)] + [record["bytes"]])
+    everyone = all_gather(mine.unsqueeze(0).to(device), 0, group).cpu()
+    if group.index != 0:
         return {}
     files = {}
     for rank, row in enumerate(everyone.tolist()):
@@ -135,15 +172,19 @@ def training_metadata(trainer, files: dict[str, dict], index: list[list]) -> Che
     )
 
 
-def save_failure(final: Path, root: Path, error: Exception | None, rank: int) -> str:
-    """Which checkpoint could not be written and why, and which one is intact."""
-    if error is None:
-        why = "another rank could not write its file (its log says why)"
-    else:
-        cause = error
-        while cause.__cause__ is not None or cause.__context__ is not None:  # the OSError under torch's wrapper
-            cause = cause.__cause__ or cause.__context__
-        why = f"rank {rank} could not write its file: {getattr(cause, 'strerror', None) or str(cause).splitlines()[0]}"
+def failure_cause(error: Exception, rank: int, path: Path) -> str:
+    """Why a rank could not write its file, in words: "rank R could not write its file: No space left on device:
+    PATH"."""
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:  # the OSError under torch's wrapper
+        cause = cause.__cause__ or cause.__context__
+    reason = getattr(cause, "strerror", None) or (str(cause).splitlines() or [type(cause).__name__])[0]
+    return f"rank {rank} could not write its file: {reason}: {path}"
+
+
+def save_failure(final: Path, root: Path, why: str | None) -> str:
+    """Which checkpoint could not be saved and why (failure_cause; None: another rank's), and which is intact."""
+    why = why or "another rank could not write its file (its log says why)"
     try:
         free = f"; {shutil.disk_usage(root).free / 2**30:.1f} GiB are free there"
     except OSError:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from megagpt.errors import UserError
 from megagpt.parallel.context import Group
+from megagpt.parallel.trace_ranges import trace_range
 
 
 class CommunicationError(UserError):
@@ -110,9 +111,10 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: Group, async_op: bool = Fal
 
 
 def wait(work, what: str, group: Group) -> None:
-    """Wait for an async collective's work handle (None: nothing was in flight), naming it if it fails."""
+    """Wait for an async collective's work handle (None: nothing was in flight), naming it if it fails (and, in a
+    profiler trace, naming the wait "tp wait <what>")."""
     if work is not None:
-        with named_failure(what, group):
+        with named_failure(what, group), trace_range(lambda: f"tp wait {what}"):
             work.wait()
 
 
@@ -203,15 +205,22 @@ def shutdown(world: Group, finished: bool) -> None:
     dist.destroy_process_group()
 
 
-def _conjugate_pair(name: str, forward, backward) -> type[torch.autograd.Function]:
-    """An autograd Function doing forward(x, group) in the forward pass and backward(grad, group) in the backward."""
+def _conjugate_pair(name: str, forward, backward, ops: tuple[str | None, str | None]):
+    """An autograd Function doing forward(x, group) in the forward pass and backward(grad, group) in the backward.
+    ops names each pass's collective (None: it does not communicate); a pass that communicates shows in profiler
+    traces as "tp <op> (<name> forward|backward)"."""
+    forward_label, backward_label = (
+        f"tp {op} ({name} {direction})" if op else None for op, direction in zip(ops, ("forward", "backward"))
+    )
 
     def forward_pass(ctx, x, group):
         ctx.group = group
-        return forward(x, group)
+        with trace_range(forward_label):
+            return forward(x, group)
 
     def backward_pass(ctx, grad):
-        return backward(grad, ctx.group), None
+        with trace_range(backward_label):
+            return backward(grad, ctx.group), None
 
     return type(
         name,
@@ -228,11 +237,16 @@ def _sum(x, group):
     return all_reduce(x.contiguous(), group)
 
 
-_CopyToGroup = _conjugate_pair("CopyToGroup", _identity, _sum)
-_ReduceFromGroup = _conjugate_pair("ReduceFromGroup", _sum, _identity)
-_GatherFromGroup = _conjugate_pair("GatherFromGroup", lambda x, g: all_gather(x, -1, g), lambda d, g: split(d, -1, g))
+_CopyToGroup = _conjugate_pair("CopyToGroup", _identity, _sum, (None, "all-reduce"))
+_ReduceFromGroup = _conjugate_pair("ReduceFromGroup", _sum, _identity, ("all-reduce", None))
+_GatherFromGroup = _conjugate_pair(
+    "GatherFromGroup", lambda x, g: all_gather(x, -1, g), lambda d, g: split(d, -1, g), ("all-gather", None)
+)
 _ReduceScatterToSequence = _conjugate_pair(
-    "ReduceScatterToSequence", lambda x, g: reduce_scatter(x, 1, g), lambda d, g: all_gather(d, 1, g)
+    "ReduceScatterToSequence",
+    lambda x, g: reduce_scatter(x, 1, g),
+    lambda d, g: all_gather(d, 1, g),
+    ("reduce-scatter", "all-gather"),
 )
 
 

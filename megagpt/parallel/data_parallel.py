@@ -60,6 +60,7 @@ import torch
 from megagpt.parallel.comm import all_gather_flat, all_reduce, named_failure, reduce_scatter_flat
 from megagpt.parallel.context import Group
 from megagpt.parallel.params import spec_of
+from megagpt.parallel.trace_ranges import trace_range
 from megagpt.parallel.zero3 import ParamGatherer, TransientBytes, alloc_storage, free_storage, has_storage
 
 ACCUMULATE = ("bucket", "slice")
@@ -254,19 +255,25 @@ class GradBuckets:
     def _launch(self, bucket: Bucket) -> None:
         # Dividing first makes the sum the mean over dp, in the same precision whatever dp is.
         bucket.buffer.div_(self.dp_group.size)
-        if self.shard:
-            bucket.work = reduce_scatter_flat(bucket.buffer, self.dp_group, async_op=True)
-        else:
-            bucket.work = all_reduce(bucket.buffer, self.dp_group, async_op=True)
+        with trace_range(lambda: f"dp {self._collective} bucket {self.buckets.index(bucket)}"):
+            if self.shard:
+                bucket.work = reduce_scatter_flat(bucket.buffer, self.dp_group, async_op=True)
+            else:
+                bucket.work = all_reduce(bucket.buffer, self.dp_group, async_op=True)
         bucket.launched = True
         bucket.unscattered = 0
         bucket.launched_after = self.ready_count
 
+    @property
+    def _collective(self) -> str:
+        return "reduce-scatter" if self.shard else "all-reduce"
+
     def _settle(self, bucket: Bucket) -> None:
         """Wait for the bucket's reduction; zero >= 2: add the owned slice into grad_shard, free the buffer."""
-        what = "the data-parallel gradient " + ("reduce-scatter" if self.shard else "all-reduce")
-        with named_failure(what, self.dp_group):
-            bucket.work.wait()
+        index = self.buckets.index(bucket)
+        with named_failure(f"the data-parallel gradient {self._collective}", self.dp_group):
+            with trace_range(lambda: f"dp wait bucket {index}"):
+                bucket.work.wait()
         bucket.work = None
         if self.shard_grads:
             low, high = self.owned_range(bucket)

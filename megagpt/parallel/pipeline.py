@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ import torch
 
 from megagpt.errors import UserError
 from megagpt.parallel.comm import batch_send_recv
+from megagpt.parallel.trace_ranges import trace_range
 
 
 class PipelineError(UserError):
@@ -61,6 +64,15 @@ class Action:
 
     def __repr__(self) -> str:
         return f"{self.kind}{self.chunk}.{self.micro_batch}"
+
+    @functools.cached_property
+    def label(self) -> str:
+        """Its name in profiler traces and timelines, built once: kind, micro-batch, chunk, e.g. 'F mb3 c0'."""
+        return f"{self.kind} mb{self.micro_batch} c{self.chunk}"
+
+
+# An Action.label read back from a trace: (kind, micro-batch, chunk).
+ACTION_LABEL = re.compile(r"^([A-Z]+) mb(\d+) c(\d+)$")
 
 
 def _phases(forwards: list[Action], backwards: list[Action], warmup: int) -> list[list[Action]]:
@@ -316,7 +328,11 @@ class PipelineExecutor:
             parts = [f"sending {t.describe()} to rank {self._peer(t, True)}" for t in sends]
             return ", ".join(parts + [f"receiving {t.describe()} from rank {self._peer(t, False)}" for t in recvs])
 
-        with self._named(what):
+        def label() -> str:
+            parts = [f"send {t.kind} mb{t.micro_batch} s{t.stage}" for t in sends]
+            return "p2p " + " ".join(parts + [f"recv {t.kind} mb{t.micro_batch} s{t.stage}" for t in recvs])
+
+        with self._named(what), trace_range(label):
             works = (self.post or batch_send_recv)(
                 [(tensor, self._peer(t, True), self._tag(t)) for t, tensor in sends.items()],
                 [(buffers[t], self._peer(t, False), self._tag(t)) for t in recvs],
@@ -367,7 +383,7 @@ class PipelineExecutor:
                         x = received.pop(Transfer("F", stage, m)).requires_grad_(backward)
                     labels = micro_batches[m].labels if stage == self.last_stage else None
                     start = clock.mark()
-                    with torch.set_grad_enabled(backward):
+                    with torch.set_grad_enabled(backward), trace_range(action.label):
                         y = forward(self.chunks[chunk], x, labels)
                     record._marks.append((action, start, clock.mark()))
                     if stage == self.last_stage:
@@ -380,11 +396,12 @@ class PipelineExecutor:
                 else:
                     x, y = saved.pop((chunk, m))
                     start = clock.mark()
-                    if stage == self.last_stage:
-                        # Each micro-batch's mean loss weighs 1 / num.
-                        torch.autograd.backward(y * loss_scale / num)
-                    else:
-                        torch.autograd.backward(y, received.pop(Transfer("B", stage, m)))
+                    with trace_range(action.label):
+                        if stage == self.last_stage:
+                            # Each micro-batch's mean loss weighs 1 / num.
+                            torch.autograd.backward(y * loss_scale / num)
+                        else:
+                            torch.autograd.backward(y, received.pop(Transfer("B", stage, m)))
                     record._marks.append((action, start, clock.mark()))
                     if stage > 0:
                         outputs[Transfer("B", stage - 1, m)] = x.grad

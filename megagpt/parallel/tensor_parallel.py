@@ -23,6 +23,7 @@ from megagpt.parallel.comm import (
 )
 from megagpt.parallel.context import Group
 from megagpt.parallel.params import update_spec
+from megagpt.parallel.trace_ranges import trace_range
 
 
 def divide(n: int, parts: int, what: str) -> int:
@@ -60,7 +61,9 @@ class _SequenceParallelColumnLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, group):  # x (b, s/tp, in) -> (b, s, out/tp)
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.has_bias = group, bias is not None
-        return F.linear(all_gather(x, 1, group), weight, bias)  # the gathered input dies here
+        with trace_range("tp all-gather (sequence-parallel linear forward)"):
+            full = all_gather(x, 1, group)  # (b, s, in)
+        return F.linear(full, weight, bias)  # the gathered input dies here
 
     @staticmethod
     def backward(ctx, grad):  # grad (b, s, out/tp)

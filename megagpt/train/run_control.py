@@ -1,6 +1,7 @@
 """During training: when to save a checkpoint, and when to stop.
 
-Saving: every checkpoint.save_interval steps, at the end, and when a stop is requested (checkpoint/save.py).
+Saving: every checkpoint.save_interval steps, at the end, and when a stop is requested (checkpoint/save.py; with
+checkpoint.async_save, written in the background and published at a later step boundary: checkpoint/async_save.py).
 
 Preemption: SIGTERM or SIGUSR1 (what Slurm sends before a kill), or checkpoint.exit_after_minutes passing, makes
 every rank save at the end of the current step and stop; the run resumes with checkpoint.load=auto.
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import torch
 
+from megagpt.checkpoint.async_save import AsyncSaver
 from megagpt.checkpoint.paths import process_tag
 from megagpt.checkpoint.publish import BackgroundPruner
-from megagpt.checkpoint.save import save_checkpoint
+from megagpt.checkpoint.save import Pruning, save_checkpoint
 from megagpt.config import Config
 from megagpt.log import get_logger
 from megagpt.parallel.comm import all_reduce, broadcast_text
@@ -49,13 +52,17 @@ class StopRequests:
     def _on_signal(self, signum, frame) -> None:
         self.signal_received = signal.Signals(signum).name
 
-    def stop_reason(self) -> str | None:
+    def stop_reason(self, more: list[float] | None = None) -> str | None:
         """Why the run must stop now, agreed by every rank: a signal any rank got, or the time limit.
-        Agreed each step over the host group (gloo, CPU tensors): no wait for the GPU's queue."""
+        Agreed each step over the host group (gloo, CPU tensors): no wait for the GPU's queue. `more`: further
+        flags to agree on in the same all-reduce (the asynchronous save's status), replaced by their max."""
         limit = self.exit_after_minutes
         over_time = limit is not None and time.monotonic() - self.started >= limit * 60
-        flags = torch.tensor([float(self.signal_received is not None), float(over_time)])
+        extra = more or []
+        flags = torch.tensor([float(self.signal_received is not None), float(over_time), *extra])
         all_reduce(flags, self.host_group, op="max")
+        if extra:
+            extra[:] = flags[2:].tolist()  # a CPU tensor: no wait for the GPU
         if flags[0] > 0:
             return self.signal_received or "a stop signal on another rank"
         if flags[1] > 0:
@@ -76,19 +83,24 @@ class Checkpointer:
         self.saved_step = -1
         self.stops = StopRequests(cfg.checkpoint.exit_after_minutes, ctx.host)
         self.pruner = BackgroundPruner()
+        self.async_saver = AsyncSaver(ctx) if cfg.checkpoint.async_save else None
 
     def after_step(self, trainer, before_save=None) -> bool:
         """Save when due; True when the run must stop after this step. before_save() runs first when a save
-        follows (the trainer's check that the steps since its last row had finite losses)."""
+        follows (the trainer's check that the steps since its last row had finite losses). With async_save, the
+        save in flight is published here once every rank's writer has finished (or its failure raised)."""
         step = trainer.state.step
-        reason = self.stops.stop_reason()
+        writer_status = self.async_saver.local_status() if self.async_saver is not None else None
+        reason = self.stops.stop_reason(writer_status)
+        if self.async_saver is not None:
+            self.async_saver.agreed(writer_status)
         due = self.settings.save_interval > 0 and step % self.settings.save_interval == 0
         if due or reason:
             if before_save is not None:
                 before_save()
             self.save(trainer)
         if reason:
-            self.pruner.wait()
+            self.finish_saving()
             get_logger().info(
                 f"stopping after step {step} ({reason}): checkpoint saved, resume with checkpoint.load=auto"
             )
@@ -97,10 +109,22 @@ class Checkpointer:
 
     def at_end(self, trainer) -> None:
         self.save(trainer)
+        self.finish_saving()
+
+    def finish_saving(self) -> None:
+        """Before the run ends or stops: the save in flight published, old checkpoints deleted."""
+        if self.async_saver is not None:
+            self.async_saver.wait()
         self.pruner.wait()
 
     def save(self, trainer) -> None:
-        if self.saved_step != trainer.state.step:
-            s = self.settings
+        if self.saved_step == trainer.state.step:
+            return
+        s = self.settings
+        if self.async_saver is None:
             save_checkpoint(trainer, s.dir, s.keep, self.pruner, self.run_tag, self.clear_stale)
-            self.saved_step = trainer.state.step
+        else:
+            self.async_saver.wait()  # at most one save in flight
+            pruning = Pruning(Path(s.dir), s.keep, self.pruner, self.clear_stale, self.run_tag)
+            self.async_saver.start(trainer, Path(s.dir), self.run_tag, pruning)
+        self.saved_step = trainer.state.step

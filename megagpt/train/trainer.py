@@ -31,6 +31,7 @@ from megagpt.parallel.pipeline import PipelineExecutor
 from megagpt.train.memory import MemoryReport, step_peak
 from megagpt.train.metrics import MetricsWriter
 from megagpt.train.optimizer import MainParamOptimizer
+from megagpt.train.profiler import StepProfiler
 from megagpt.train.schedules import global_batch_size, learning_rate
 
 
@@ -97,6 +98,7 @@ class Trainer:
         self.checkpointer = checkpointer  # train/run_control.py: saves, and stops the run on a signal
         self.scaler = optimizer.scaler  # fp16 only
         self.state = TrainState()
+        self.profiler = StepProfiler(cfg.logging, ctx.rank, ctx.device)
 
     def micro_batches(self, dataset, first_sample: int, num_samples: int) -> MicroBatches:
         """This dp rank's micro-batches of the samples [first_sample, first_sample + num_samples), read where this
@@ -153,6 +155,11 @@ class Trainer:
         return self.reduce_losses([local])[0], record
 
     def train_step(self) -> StepResult:
+        """optimizer_step, under torch.profiler when it is one of the steps logging.profile asks for."""
+        with self.profiler.step(self.state.step + 1):
+            return self.optimizer_step()
+
+    def optimizer_step(self) -> StepResult:
         """One optimizer step (or, on an fp16 overflow, one skipped step)."""
         cfg = self.cfg
         batch = global_batch_size(self.state.consumed_samples, cfg.train)

@@ -4,7 +4,9 @@
   what an uninterrupted run computes (and at (1, 1, 1), in tests/unit/test_checkpoint.py);
 - resharding: checkpoints saved at (2,2,1), (1,1,1) and (2,1,2) with ZeRO-1 load into (1,1,1), (2,2,1) and (1,2,2),
   and offline through tools/reshard.py, and training goes on with the losses an unsharded run has;
-- a rank killed during a save leaves `latest` and the previous checkpoint whole, and the run resumes from it.
+- a rank killed during a save leaves `latest` and the previous checkpoint whole, and the run resumes from it,
+  also when its background writer is killed (checkpoint.async_save); with async_save, a writer that fails on one
+  rank is raised on every rank at the next step boundary, naming the rank and its file.
 """
 
 from __future__ import annotations
@@ -58,10 +60,13 @@ def single(run_dir, *extra, steps=STEPS):
 
 
 def exact_resume_world(rank, world_size, root):
-    """(2,2,2), ZeRO-1, dropout: an uninterrupted run saving at step 3, then a run resumed from that checkpoint."""
+    """(2,2,2), ZeRO-1, dropout: an uninterrupted run saving at step 3, then a run resumed from that checkpoint
+    that saves every step asynchronously (checkpoint.async_save), then a run resumed from its step-4 save."""
     root = Path(root)
-    extra = ["parallel.zero=1", "model.dropout=0.1", f"checkpoint.save_interval={RESUME_AT}"]
-    whole = train(rank, 2, 2, 2, root / "whole", *extra, f"checkpoint.dir={root / 'ck'}")
+    extra = ["parallel.zero=1", "model.dropout=0.1"]
+    whole = train(
+        rank, 2, 2, 2, root / "whole", *extra, f"checkpoint.save_interval={RESUME_AT}", f"checkpoint.dir={root / 'ck'}"
+    )
     resumed = train(
         rank,
         2,
@@ -71,15 +76,34 @@ def exact_resume_world(rank, world_size, root):
         *extra,
         f"checkpoint.load={root / 'ck' / 'step_00000003'}",
         f"checkpoint.dir={root / 'ck_resumed'}",
+        "checkpoint.async_save=true",
+        "checkpoint.save_interval=1",
+        "checkpoint.keep=3",
     )
-    return whole, resumed
+    from_async = train(
+        rank,
+        2,
+        2,
+        2,
+        root / "from_async",
+        *extra,
+        f"checkpoint.load={root / 'ck_resumed' / 'step_00000004'}",
+        f"checkpoint.dir={root / 'ck_from_async'}",
+    )
+    return whole, resumed, from_async
 
 
-def test_resume_at_tp2_pp2_dp2_with_zero1_is_bit_exact(tmp_path):
+def test_resume_at_tp2_pp2_dp2_with_zero1_is_bit_exact_from_sync_and_async_saves(tmp_path):
+    from megagpt.checkpoint.paths import complete_checkpoints
+
     results = run_world(8, exact_resume_world, str(tmp_path))
-    whole, resumed = results[0]
-    assert len(whole) == STEPS and len(resumed) == STEPS - RESUME_AT
+    whole, resumed, from_async = results[0]
+    assert len(whole) == STEPS and len(resumed) == STEPS - RESUME_AT and len(from_async) == STEPS - RESUME_AT - 1
     assert resumed == whole[RESUME_AT:]  # exactly, not approximately
+    assert from_async == whole[RESUME_AT + 1 :]
+    # The async run published every save, the last at the end of training, and kept the newest 3.
+    assert [p.name for p in complete_checkpoints(tmp_path / "ck_resumed")] == [f"step_0000000{n}" for n in (4, 5, 6)]
+    assert (tmp_path / "ck_resumed" / "latest").read_text().strip() == "step_00000006"
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +156,12 @@ def test_checkpoints_reshard_across_layouts_and_training_continues_as_unsharded(
     assert from_offline == on_load  # the same tensors either way
 
 
-def killed_during_save_world(rank, world_size, root):
-    """dp=2, saving every 2 steps; rank 1 dies (as kill -9 would) halfway through writing the step-4 checkpoint."""
+def killed_during_save_world(rank, world_size, root, async_save):
+    """dp=2, saving every 2 steps; rank 1 is killed (kill -9) halfway through writing the step-4 checkpoint (with
+    async_save: by its background writer, while the training thread goes on)."""
+    import signal
+    import time
+
     import megagpt.checkpoint.save as checkpoint_save
 
     write = checkpoint_save.write_rank_file
@@ -142,8 +170,10 @@ def killed_during_save_world(rank, world_size, root):
         if rank == 1 and path.parent.name.startswith("step_00000004"):
             with open(path.with_name(path.name + ".partial"), "wb") as f:
                 f.write(b"half a file")
-            os._exit(9)
-        write(payload, path)
+                f.flush()
+                time.sleep(0.5)  # a slow write: the kill lands in its middle
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write(payload, path)
 
     checkpoint_save.write_rank_file = write_then_die
     try:
@@ -156,6 +186,7 @@ def killed_during_save_world(rank, world_size, root):
             f"checkpoint.dir={Path(root) / 'ck'}",
             "checkpoint.save_interval=2",
             "parallel.timeout_s=20",
+            f"checkpoint.async_save={async_save}",
             steps=4,
         )
     except Exception as e:  # rank 0 sees its peer vanish inside the save
@@ -163,11 +194,12 @@ def killed_during_save_world(rank, world_size, root):
     return "finished"
 
 
-def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, async_save):
     from megagpt.checkpoint.paths import latest_checkpoint
     from megagpt.checkpoint.reader import SavedCheckpoint
 
-    outcome = run_world(2, killed_during_save_world, str(tmp_path), allow_deaths=True)
+    outcome = run_world(2, killed_during_save_world, str(tmp_path), async_save, allow_deaths=True)
     assert outcome[1] == DIED and outcome[0].startswith("failed")
     ck = tmp_path / "ck"
     assert (ck / "latest").read_text().strip() == "step_00000002"
@@ -214,3 +246,38 @@ def test_a_rank_that_cannot_load_makes_every_rank_raise(tmp_path):
 
 def train_and_save_world(rank, world_size, root):
     train(rank, 1, 1, 2, Path(root) / "run", f"checkpoint.dir={Path(root) / 'ck'}", steps=2)
+
+
+def failing_writer_world(rank, world_size, root):
+    """dp=2, async saves every 2 steps: rank 1's writer finds its file's place taken by a folder (an OSError even
+    as root, where chmod stops nothing), after the save has started and training has gone on."""
+    import megagpt.checkpoint.save as checkpoint_save
+    from megagpt.checkpoint.format import CheckpointError
+
+    write = checkpoint_save.write_rank_file
+
+    def write_into_a_folder(payload, path):
+        if rank == 1 and path.parent.name.startswith("step_00000002"):
+            path.with_name(path.name + ".partial").mkdir()
+        return write(payload, path)
+
+    checkpoint_save.write_rank_file = write_into_a_folder
+    root = Path(root)
+    try:
+        train(rank, 1, 1, 2, root / "run", f"checkpoint.dir={root / 'ck'}", "checkpoint.save_interval=2",
+              "checkpoint.async_save=true", steps=4)  # fmt: skip
+    except CheckpointError as e:
+        return str(e)
+    return "finished"
+
+
+def test_a_failing_async_writer_is_raised_on_every_rank(tmp_path):
+    messages = run_world(2, failing_writer_world, str(tmp_path), timeout=300)
+    ck = tmp_path / "ck"
+    assert messages[0] == messages[1]  # one sentence, on every rank
+    tmp = Path(messages[0].split("Is a directory: ")[1].split(";")[0]).parent  # step_00000002.tmp-HOST-PID
+    failed = f"could not be saved (rank 1 could not write its file: Is a directory: {tmp / 'rank_00001.pt'}; "
+    assert f"checkpoint {ck / 'step_00000002'} {failed}" in messages[0]
+    assert "no earlier checkpoint exists there" in messages[0]
+    assert tmp.name.startswith("step_00000002.tmp-") and not tmp.exists()  # the partial files were removed
+    assert not (ck / "latest").exists() and not (ck / "step_00000002").exists()

@@ -22,6 +22,8 @@ LAYOUTS = [  # (tp, pp, dp, vpp, sequence_parallel, layers)
     (1, 2, 2, 2, False, 4),
 ]
 STEPS = 10
+# Layouts also run under logging.profile: (steps, ranks). Their traces must hold the named ranges.
+PROFILED = {(1, 2, 1, 2, False, 4): ("4", "all"), (2, 2, 2, 1, True, 4): ("4", "[0,5]")}
 
 
 def pipeline_config(tp, pp, vpp, sp, layers, run_dir, *extra):
@@ -79,7 +81,9 @@ def check_pipeline_layout(rank, world_size, tp, pp, dp, vpp, sp, layers, run_dir
     from megagpt.parallel.topology import Topology
     from megagpt.train.run import pretrain
 
-    cfg = pipeline_config(tp, pp, vpp, sp, layers, run_dir)
+    steps, ranks = PROFILED.get((tp, pp, dp, vpp, sp, layers), (None, "all"))
+    profile = [f"logging.profile={steps}", f"logging.profile_ranks={ranks}"] if steps else []
+    cfg = pipeline_config(tp, pp, vpp, sp, layers, run_dir, *profile)
     ctx = ParallelContext.initialize(Topology(tp, dp, pp), rank, torch.device("cpu"))
     reference_cfg = pipeline_config(1, 1, 1, False, layers, run_dir)
 
@@ -157,6 +161,8 @@ def test_pipeline_layout_matches_single_process(tp, pp, dp, vpp, sp, layers, tmp
             assert start >= timeline[("F", stage - 1, m)][1]
         if kind == "B" and stage < last:
             assert start >= timeline[("B", stage + 1, m)][1]
+    if (tp, pp, dp, vpp, sp, layers) in PROFILED:
+        check_traces((tp, pp, dp, vpp, sp, layers), tmp_path / "run")
     for rank, (history, _, _, _) in enumerate(results):
         assert len(history) == STEPS
         for step, ((loss, norm, val), (ref_loss, ref_norm, ref_val)) in enumerate(zip(history, reference), 1):
@@ -164,6 +170,50 @@ def test_pipeline_layout_matches_single_process(tp, pp, dp, vpp, sp, layers, tmp
             assert norm == pytest.approx(ref_norm, rel=1e-4), f"rank {rank} step {step}"
             if val is not None or ref_val is not None:
                 assert val == pytest.approx(ref_val, rel=1e-5), f"rank {rank} step {step}"
+
+
+def check_traces(layout, run_dir):
+    """The profiled ranks wrote Chrome traces of their window holding the schedule's named ranges, and the timeline
+    read back from them is each rank's schedule in order."""
+    import json
+
+    from megagpt.config import profile_steps
+    from megagpt.parallel.pipeline import schedule
+    from megagpt.parallel.topology import Topology
+    from megagpt.timeline import read_timeline
+
+    tp, pp, dp, vpp, _, _ = layout
+    steps, ranks = PROFILED[layout]
+    first, last = profile_steps(tiny_config(f"logging.profile={steps}").logging)
+    topology = Topology(tp, dp, pp)
+    profiled = range(topology.world_size) if ranks == "all" else json.loads(ranks)
+    names = sorted(path.name for path in (run_dir / "traces").iterdir())
+    assert names == sorted(f"rank{rank}_steps{first}-{last}.json" for rank in profiled)
+    num_micro = 8 // dp
+    for rank in profiled:
+        trace = json.loads((run_dir / "traces" / f"rank{rank}_steps{first}-{last}.json").read_text())
+        ranges = [e["name"] for e in trace["traceEvents"] if e.get("cat") == "user_annotation"]
+        pp_rank = topology.coords(rank)[2]
+        actions = [a.label for a in schedule(pp, vpp, pp_rank, num_micro)]
+        assert [r for r in ranges if r in set(actions)] == actions * (last - first + 1), f"rank {rank}"
+        assert [f"step {s}" for s in range(first, last + 1)] == [r for r in ranges if r.startswith("step ")]
+        assert any(r.startswith("p2p send") for r in ranges) and any(" recv " in r for r in ranges)
+        if tp > 1:
+            assert {
+                "tp reduce-scatter (ReduceScatterToSequence forward)",
+                "tp all-gather (sequence-parallel linear forward)",
+            } <= set(ranges)
+        if dp > 1:
+            assert {"dp all-reduce bucket 0", "dp wait bucket 0"} <= set(ranges)
+    timeline = read_timeline(run_dir)
+    assert timeline.step == last and [row.rank for row in timeline.rows] == list(profiled)
+    for row in timeline.rows:
+        expected = [
+            (a.kind, a.micro_batch, a.chunk) for a in schedule(pp, vpp, topology.coords(row.rank)[2], num_micro)
+        ]
+        assert [(b.kind, b.micro_batch, b.chunk) for b in row.blocks] == expected
+        assert all(b.start_ms < b.end_ms <= next_.start_ms for b, next_ in zip(row.blocks, row.blocks[1:]))
+        assert 0 < row.idle_fraction < 1
 
 
 def die_mid_step(rank, world_size, run_dir):

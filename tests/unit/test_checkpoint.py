@@ -161,6 +161,8 @@ def test_checkpoint_settings_are_validated():
     for overrides, message in [
         (["checkpoint.load=auto"], "checkpoint.load=auto needs checkpoint.dir"),
         (["checkpoint.save_interval=5"], "checkpoint.save_interval needs checkpoint.dir"),
+        (["checkpoint.async_save=true"], "checkpoint.async_save needs checkpoint.dir"),
+        (["checkpoint.dir=x", "checkpoint.async_save=maybe"], "checkpoint.async_save"),
         (["checkpoint.dir=x", "checkpoint.keep=0"], "checkpoint.keep=0 must be at least 1"),
         (["checkpoint.dir=x", "checkpoint.exit_after_minutes=0"], "exit_after_minutes=0.0 must be positive"),
     ]:
@@ -168,20 +170,25 @@ def test_checkpoint_settings_are_validated():
             validate(tiny_config(*overrides))
 
 
-def test_sigterm_in_a_step_saves_and_stops_and_the_resume_is_exact(tmp_path, monkeypatch):
-    """The signal arrives during step 3 (sent by the process to itself); the run saves after step 3 and returns."""
+def sigterm_during_step(monkeypatch, n: int) -> None:
+    """Step n sends SIGTERM to this process (as Slurm would, mid-step)."""
     from megagpt.train.trainer import Trainer
 
-    whole = run(tmp_path, "whole", "model.dropout=0.1")
     step = Trainer.train_step
 
     def step_with_sigterm(self):
         result = step(self)
-        if self.state.step == 3:
+        if self.state.step == n:
             os.kill(os.getpid(), signal.SIGTERM)
         return result
 
     monkeypatch.setattr(Trainer, "train_step", step_with_sigterm)
+
+
+def test_sigterm_in_a_step_saves_and_stops_and_the_resume_is_exact(tmp_path, monkeypatch):
+    """The signal arrives during step 3 (sent by the process to itself); the run saves after step 3 and returns."""
+    whole = run(tmp_path, "whole", "model.dropout=0.1")
+    sigterm_during_step(monkeypatch, 3)
     stopped = run(tmp_path, "stopped", "model.dropout=0.1", f"checkpoint.dir={tmp_path / 'ck'}")
     monkeypatch.undo()
     assert [row["step"] for row in stopped.history] == [1, 2, 3]
@@ -323,7 +330,9 @@ def test_old_checkpoints_are_deleted_off_the_training_thread(tmp_path, monkeypat
     assert listing(ck) == ["latest", "step_00000003", "step_00000004"]
 
 
-def test_a_full_disk_during_a_save_names_the_checkpoint_and_the_intact_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_full_disk_during_a_save_names_the_checkpoint_and_the_intact_one(tmp_path, monkeypatch, async_save):
+    """Synchronous: the save raises. Asynchronous: the writer's error is raised at the next step boundary."""
     import errno
 
     from megagpt.checkpoint import save
@@ -338,14 +347,22 @@ def test_a_full_disk_during_a_save_names_the_checkpoint_and_the_intact_one(tmp_p
                 raise OSError(errno.ENOSPC, "No space left on device")
             except OSError as e:  # as torch.save reports it: a RuntimeError over the OSError
                 raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from e
-        real_write(payload, path)
+        return real_write(payload, path)
 
     monkeypatch.setattr(save, "write_rank_file", fill_the_disk)
     ck = tmp_path / "ck"
     with pytest.raises(CheckpointError) as info:
-        run(tmp_path, "r", "checkpoint.save_interval=1", "checkpoint.keep=5", f"checkpoint.dir={ck}")
+        run(
+            tmp_path,
+            "r",
+            "checkpoint.save_interval=1",
+            "checkpoint.keep=5",
+            f"checkpoint.dir={ck}",
+            f"checkpoint.async_save={async_save}",
+        )
     message = str(info.value)
     assert f"checkpoint {ck / 'step_00000003'} could not be saved (rank 0 could not write its file: No space" in message
+    assert "No space left on device: " in message and "rank_00000.pt; " in message
     assert "GiB are free there); its partial files were removed" in message
     assert f"the newest intact checkpoint is {ck / 'step_00000002'}" in message
     assert listing(ck) == ["latest", "step_00000001", "step_00000002"]
