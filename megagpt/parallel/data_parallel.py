@@ -66,7 +66,7 @@ from megagpt.parallel.zero3 import ParamGatherer, TransientBytes, alloc_storage,
 ACCUMULATE = ("bucket", "slice")
 
 
-@dataclass
+@dataclass(eq=False)  # a bucket is itself: compared and hashed by identity, never by its tensors
 class Bucket:
     params: list[torch.nn.Parameter]
     offsets: list[int]  # where each parameter starts in the flat buffers
@@ -270,9 +270,8 @@ class GradBuckets:
 
     def _settle(self, bucket: Bucket) -> None:
         """Wait for the bucket's reduction; zero >= 2: add the owned slice into grad_shard, free the buffer."""
-        index = self.buckets.index(bucket)
         with named_failure(f"the data-parallel gradient {self._collective}", self.dp_group):
-            with trace_range(lambda: f"dp wait bucket {index}"):
+            with trace_range(lambda: f"dp wait bucket {self.buckets.index(bucket)}"):
                 bucket.work.wait()
         bucket.work = None
         if self.shard_grads:
