@@ -70,7 +70,17 @@ class ParallelConfig:
         "into input and weight gradients",
     )
     sequence_parallel: bool = option(False, "shard LayerNorm/dropout regions along the sequence across tp")
-    zero: int = option(0, "ZeRO stage: 0 (none) or 1 (optimizer state sharded across dp)")
+    zero: int = option(
+        0,
+        "ZeRO stage over dp: 0 (none), 1 (optimizer state sharded), 2 (and gradients), 3 (and parameters, "
+        "gathered per layer around its forward and backward)",
+    )
+    zero_accumulate: Literal["slice", "bucket"] = option(
+        "slice",
+        "zero 2 and 3 with several micro-batches: slice reduce-scatters each micro-batch's gradients into the rank's "
+        "slice (full buffers only while a bucket fills); bucket accumulates in full buffers kept through the "
+        "step and reduce-scatters once (zero 1's traffic and gradient memory during the step)",
+    )
     recompute: Literal["none", "selective", "full"] = option("none", "activation recomputation")
     grad_bucket_mb: float = option(25.0, "size of the data-parallel gradient buckets reduced during backward")
     timeout_s: float = option(600.0, "every collective and pipeline send/receive fails after this many seconds")
@@ -462,7 +472,7 @@ def _parallel_problems(p: ParallelConfig) -> list[str]:
     problems = _Problems()
     for key in ("tp", "pp", "vpp"):
         problems.check(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be at least 1")
-    problems.check(p.zero in (0, 1), f"parallel.zero={p.zero} must be 0 or 1")
+    problems.check(p.zero in (0, 1, 2, 3), f"parallel.zero={p.zero} must be 0, 1, 2 or 3")
     problems.check(p.grad_bucket_mb > 0, f"parallel.grad_bucket_mb={p.grad_bucket_mb} must be positive")
     problems.check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive")
     if p.pp >= 1 and p.vpp >= 1:

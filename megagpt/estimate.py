@@ -73,10 +73,13 @@ class StageEstimate:
     optimizer_bytes: int
     activations_bytes: int
     micro_batches_held: int
+    # zero 2 and 3: the full buffers that exist only while in use (gradient buckets, gathered layers)
+    transient_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+        stored = self.weights_bytes + self.grads_bytes + self.optimizer_bytes
+        return stored + self.activations_bytes + self.transient_bytes
 
 
 def stage_params(cfg: Config, tp: int, pp: int, vpp: int, stage: int) -> int:
@@ -172,7 +175,8 @@ def stage_estimate(cfg: Config, world_size: int, stage: int, micro_batches: int 
     sp = p.sequence_parallel and tp > 1
     params = stage_params(cfg, tp, pp, vpp, stage)
     optimizer_per_param = 8 + (4 if t.precision != "fp32" else 0)
-    optimizer = params * optimizer_per_param / (dp if p.zero == 1 else 1)
+    optimizer = params * optimizer_per_param / (dp if p.zero >= 1 else 1)
+    weights, grads, transient = zero_bytes(cfg, dp, stage, params)
 
     per_layer = {}
     for chunk in range(vpp):
@@ -219,12 +223,34 @@ def stage_estimate(cfg: Config, world_size: int, stage: int, micro_batches: int 
         stage=stage,
         layers=int(layers_held),
         params=params,
-        weights_bytes=params * dtype,
-        grads_bytes=params * 4,
+        weights_bytes=weights,
+        grads_bytes=grads,
         optimizer_bytes=int(optimizer),
         activations_bytes=activations,
         micro_batches_held=held,
+        transient_bytes=transient,
     )
+
+
+def zero_bytes(cfg: Config, dp: int, stage: int, params: int) -> tuple[int, int, int]:
+    """(weights, fp32 gradients, transient) bytes of one rank of a stage under parallel.zero. zero 2 keeps 1/dp
+    of the gradients, zero 3 of the weights too (data_parallel.py); their full buffers exist only in use: zero 3
+    the chunk's root (embeddings, final LayerNorm) and two layers (one computing, one prefetched), gradients in
+    two buckets (slice) or all of them through the step (bucket)."""
+    p, dtype = cfg.parallel, compute_dtype(cfg.train.precision).itemsize
+    shard_grads, shard_params = p.zero >= 2 and dp > 1, p.zero >= 3 and dp > 1
+    weights = params * dtype / (dp if shard_params else 1)
+    grads = params * 4 / (dp if shard_grads else 1)
+    transient = 0.0
+    layers = sum(len(stage_layers(cfg.model.num_layers, p.pp, p.vpp, stage, c)) for c in range(p.vpp))
+    layer = layer_parameters(cfg.model, p.tp)
+    if shard_params:
+        root = params - layers * layer
+        transient += (root + 2 * layer) * dtype
+    if shard_grads:
+        unit = layer * 4 if shard_params else p.grad_bucket_mb * 2**20
+        transient += params * 4 if p.zero_accumulate == "bucket" else min(2 * unit, params * 4)
+    return int(weights), int(grads), int(transient)
 
 
 def _with_recompute(cfg: Config, recompute: str) -> Config:
@@ -342,7 +368,13 @@ def report(result: dict) -> str:
         + ", ".join(f"{n / 1e6:.1f}M" for n in result["params_per_rank_by_stage"]),
         f"memory per GPU (stage {mem['stage']}, the fullest): weights {gib(mem['weights_bytes'])}, gradients "
         f"{gib(mem['grads_bytes'])}, optimizer {gib(mem['optimizer_bytes'])}, activations "
-        f"{gib(mem['activations_bytes'])} ({mem['micro_batches_held']} micro-batches held): "
+        f"{gib(mem['activations_bytes'])} ({mem['micro_batches_held']} micro-batches held)"
+        + (
+            f", zero {lay['zero']}'s transient full buffers {gib(mem['transient_bytes'])}"
+            if mem["transient_bytes"]
+            else ""
+        )
+        + ": "
         f"{gib(mem['total_bytes'])}",
         f"model FLOPs per step: {result['model_flops_per_step'] / 1e15:.2f} PFLOP (with recomputation "
         f"{result['hardware_flops_per_step'] / 1e15:.2f}); {result['micro_batches_per_step']} "

@@ -118,11 +118,18 @@ def load_weights_and_optimizer(trainer, saved: SavedCheckpoint, has_state: bool)
     """Each parameter's weight, then the optimizer's pieces of it (fp32 main weights, and Adam's moments where the
     checkpoint has them), cut for this rank's layout; one parameter's full tensors in memory at a time."""
     optimizer = trainer.optimizer
-    vocab = trainer.cfg.model.vocab_size
     template = optimizer.state_dict()
     pieces_of: dict[torch.nn.Parameter, list[dict]] = {}
     for piece in template["pieces"]:
         pieces_of.setdefault(piece["param"], []).append(piece)
+    with trainer.buckets.whole_params(load=True):  # ZeRO-3: each rank keeps its slices of what loads
+        _load_pieces(trainer, saved, has_state, pieces_of)
+    if has_state:
+        optimizer.load_state_dict({"step": saved.meta.adam_step})
+
+
+def _load_pieces(trainer, saved: SavedCheckpoint, has_state: bool, pieces_of: dict) -> None:
+    optimizer, vocab = trainer.optimizer, trainer.cfg.model.vocab_size
     for param, shard, weight in copy_weights(saved, param_shards(trainer), vocab):
         pieces = pieces_of.get(param, [])
         moments = {kind: full_state(saved, kind, shard, vocab) for kind in MOMENTS} if pieces and has_state else {}
@@ -138,5 +145,3 @@ def load_weights_and_optimizer(trainer, saved: SavedCheckpoint, has_state: bool)
                 update[kind] = shard.cut(full, begin, end)
             updates.append(update)
         optimizer.load_state_dict({"pieces": updates})
-    if has_state:
-        optimizer.load_state_dict({"step": saved.meta.adam_step})

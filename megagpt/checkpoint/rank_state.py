@@ -1,10 +1,11 @@
 """What one rank puts into a checkpoint and takes back out: its share of the weights and of the optimizer state
 as layout-free pieces (copy_weights: the weights back, cut for any layout), and its random states.
 
-Each tensor is written once: dp rank 0 writes the weights, and the optimizer state unless ZeRO-1 splits it over
-dp (then every dp rank writes its own slices); tp rank 0 writes what tp replicates; the last stage's copy of the
-tied token embedding is left to the first stage (they are equal). The components are read through their
-state_dict(): the optimizer's pieces, the tensor-parallel RNG's stream; nothing here reaches into them.
+Each tensor is written once: dp rank 0 writes the weights (ZeRO-3: every dp rank its slices of them), and the
+optimizer state unless ZeRO splits it over dp (then every dp rank writes its own slices); tp rank 0 writes what
+tp replicates; the last stage's copy of the tied token embedding is left to the first stage (they are equal).
+The components are read through their state_dict(): the optimizer's pieces, the tensor-parallel RNG's stream;
+nothing here reaches into them.
 """
 
 from __future__ import annotations
@@ -42,21 +43,30 @@ def writes_weight(param, shard: TensorShard, tp_index: int, dp_index: int) -> bo
 
 
 def writes_state(param, shard: TensorShard, tp_index: int, dp_index: int, zero: bool) -> bool:
-    """Optimizer state: as the weights, except that with ZeRO-1 each dp rank writes its own slices."""
+    """Optimizer state: as the weights, except that with ZeRO (any level) each dp rank writes its own slices."""
     replica = spec_of(param).embedding_copy
     return (dp_index == 0 or zero) and (shard.dim >= 0 or tp_index == 0) and not replica
 
 
 def rank_pieces(trainer, copy_out=None) -> list[dict]:
     """This rank's share of the weights and optimizer state, as pieces (their data copied to host memory by
-    copy_out, see TensorShard.piece)."""
+    copy_out, see TensorShard.piece). Under ZeRO-3 the whole weights exist only around a layer's use, so each dp
+    rank writes its slices of them, as it does its optimizer state."""
     tp_index, dp_index = trainer.ctx.tp_group.index, trainer.ctx.dp_group.index
     shards = param_shards(trainer)
-    pieces = [
-        shard.piece("weight", param, copy_out=copy_out)
-        for param, shard in shards.items()
-        if writes_weight(param, shard, tp_index, dp_index)
-    ]
+    buckets = trainer.buckets
+    if buckets.shard_params:
+        pieces = [
+            shards[param].piece("weight", buckets.param_piece(param, start, end), start, copy_out)
+            for param, start, end in buckets.owned_pieces()
+            if writes_state(param, shards[param], tp_index, dp_index, True)
+        ]
+    else:
+        pieces = [
+            shard.piece("weight", param, copy_out=copy_out)
+            for param, shard in shards.items()
+            if writes_weight(param, shard, tp_index, dp_index)
+        ]
     optimizer = trainer.optimizer.state_dict()
     for state in optimizer["pieces"]:
         param, start = state["param"], state["start"]

@@ -24,7 +24,7 @@ from megagpt.checkpoint.reader import SavedCheckpoint, full_state, full_weight
 from megagpt.config import config_from_dict, validate
 from megagpt.errors import UserError
 from megagpt.log import get_logger
-from megagpt.model.build import build_model
+from megagpt.model.build import build_grad_buckets, build_model
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.topology import Topology
@@ -69,9 +69,7 @@ def reshard_checkpoint(
         ctx = ParallelContext.planned(topology, rank)
         with torch.device("meta"):  # names, shapes and splits; no memory
             model_chunks = build_model(cfg, ctx)
-        buckets = GradBuckets(
-            model_chunks.parameters(), ctx.dp_group, bucket_bytes=cfg.parallel.grad_bucket_mb * 2**20, shard=zero == 1
-        )
+        buckets = build_grad_buckets(cfg, ctx, model_chunks)
         writer.add_rank(rank, pieces_for_rank(saved, cfg, ctx, model_chunks, buckets))
     layout = layout_record(tp, pp, dp, vpp, zero)
     resharded_from = {"path": str(saved.path), "layout": saved.meta.layout}
@@ -83,7 +81,7 @@ def reshard_checkpoint(
 def pieces_for_rank(saved: SavedCheckpoint, cfg, ctx, model_chunks, buckets: GradBuckets) -> list[dict]:
     """What rank ctx.rank of the new layout would write: its weights, and its pieces of the optimizer state
     (the slices the buckets give it) where the source has optimizer state."""
-    vocab, zero = cfg.model.vocab_size, cfg.parallel.zero == 1
+    vocab, zero = cfg.model.vocab_size, cfg.parallel.zero >= 1
     shards = shards_of(model_chunks, ctx.tp_group)
     tp_index, dp_index = ctx.tp_group.index, ctx.dp_group.index
     pieces = []
@@ -117,5 +115,5 @@ def check_layout_args(tp: int, pp: int, vpp: int, dp: int, zero: int) -> None:
     for name, value in (("--tp", tp), ("--pp", pp), ("--vpp", vpp), ("--dp", dp)):
         if value < 1:
             raise UserError(f"{name}={value} must be at least 1")
-    if zero not in (0, 1):
-        raise UserError(f"--zero={zero} must be 0 or 1")
+    if zero not in (0, 1, 2, 3):
+        raise UserError(f"--zero={zero} must be 0, 1, 2 or 3")

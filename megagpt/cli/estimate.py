@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--micro-batch", type=int)
     parser.add_argument("--global-batch", type=int)
-    parser.add_argument("--zero", type=int, choices=(0, 1))
+    parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3))
     parser.add_argument("--recompute", choices=("none", "selective", "full"))
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"))

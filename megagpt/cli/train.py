@@ -44,7 +44,7 @@ def dry_run(cfg, world_size: int, meta_ranks: str | None = None) -> dict:
     """Validate for world_size ranks and print the layout; no process group, no memory. With meta_ranks, build
     those ranks' model shards on the meta device and report their parameter counts next to the estimate's.
     Returns {rank: parameters} of the meta ranks."""
-    from megagpt.estimate import stage_params
+    from megagpt.estimate import gib, stage_estimate, stage_params
 
     validate(cfg, world_size)
     topology = Topology(cfg.parallel.tp, data_parallel_size(cfg, world_size), cfg.parallel.pp)
@@ -58,6 +58,11 @@ def dry_run(cfg, world_size: int, meta_ranks: str | None = None) -> dict:
         f"pipeline schedule {resolve_schedule(p.pp_schedule, p.vpp)}: {micro} micro-batches per replica, predicted "
         f"bubble {predicted_bubble(p.pp_schedule, p.pp, p.vpp, micro):.1%}, up to "
         f"{max_alive_promised(p.pp, p.vpp, 0, micro, p.pp_schedule)} micro-batches' activations held on stage 0"
+    )
+    first = stage_estimate(cfg, world_size, 0)  # what each rank of the first stage stores, after the zero level
+    print(
+        f"stored per rank of stage 0 (tools/estimate.py has the rest): weights {gib(first.weights_bytes)}, "
+        f"gradients {gib(first.grads_bytes)}, optimizer {gib(first.optimizer_bytes)}"
     )
     counts = {}
     for text in (meta_ranks or "").split(","):

@@ -3,6 +3,7 @@ layers, on the context's device in the compute dtype. Training, resharding, the 
 the same way.
 
     chunks = build_model(cfg, ctx)            # a ModuleList of vpp chunks
+    buckets = build_grad_buckets(cfg, ctx, chunks)   # their data-parallel gradient buckets (and ZeRO sharding)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from megagpt.config import Config
 from megagpt.model.facts import compute_dtype
 from megagpt.model.gpt import GPT
 from megagpt.parallel.context import ParallelContext
+from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.pipeline import ZERO_BUBBLE, stage_layers, virtual_stage
 from megagpt.parallel.random import TensorParallelRNG
 from megagpt.parallel.weight_grads import enable_split_backward
@@ -56,3 +58,29 @@ def build_model(cfg: Config, ctx: ParallelContext) -> torch.nn.ModuleList:
     if cfg.parallel.pp_schedule in ZERO_BUBBLE:
         enable_split_backward(chunks)  # backward as B (input gradients) and W (weight gradients)
     return chunks.to(device=ctx.device, dtype=compute_dtype(cfg.train.precision))
+
+
+def zero_units(chunks: torch.nn.ModuleList) -> list[list[tuple[torch.nn.Module, list[torch.nn.Parameter]]]]:
+    """ZeRO-3's gather units per chunk, in forward order: the chunk's root (embeddings, final LayerNorm, the tied
+    output layer: what is not in a transformer layer), then each transformer layer."""
+    units = []
+    for chunk in chunks:
+        blocks = list(chunk.blocks.values())
+        in_blocks = {id(p) for block in blocks for p in block.parameters()}
+        root = [p for p in chunk.parameters() if id(p) not in in_blocks]
+        units.append([(chunk, root)] + [(block, list(block.parameters())) for block in blocks])
+    return units
+
+
+def build_grad_buckets(cfg: Config, ctx: ParallelContext, chunks: torch.nn.ModuleList) -> GradBuckets:
+    """The gradient buckets of this rank's chunks for parallel.zero (with zero >= 1 they take the parameters into
+    their flat buffers: build the optimizer after them)."""
+    zero = cfg.parallel.zero
+    return GradBuckets(
+        chunks.parameters(),
+        ctx.dp_group,
+        bucket_bytes=cfg.parallel.grad_bucket_mb * 2**20,
+        zero=zero,
+        units=zero_units(chunks) if zero == 3 else None,
+        accumulate=cfg.parallel.zero_accumulate,
+    )

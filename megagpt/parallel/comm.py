@@ -133,13 +133,17 @@ def reduce_scatter_flat(full: torch.Tensor, group: Group, async_op: bool = False
         return _reduce_scatter_flat(_own_slice(full, group), full, group=group.handle, async_op=async_op)
 
 
-def all_gather_flat(full: torch.Tensor, group: Group, async_op: bool = False):
-    """Fill the flat tensor `full` with every rank's 1/size slice of it, in place, each rank sending its own."""
+def all_gather_flat(full: torch.Tensor, group: Group, async_op: bool = False, local: torch.Tensor | None = None):
+    """Fill the flat tensor `full` with every rank's 1/size slice of it, each rank sending its own: in place, or
+    from `local` (ZeRO-3 keeps the slice apart from `full`, whose memory is freed between uses)."""
     if group.size == 1:
+        if local is not None:
+            full.copy_(local)
         return None
     _count("all_gather", full)
     with named_failure("all-gather", group):
-        return _all_gather_flat(full, _own_slice(full, group), group=group.handle, async_op=async_op)
+        source = _own_slice(full, group) if local is None else local
+        return _all_gather_flat(full, source, group=group.handle, async_op=async_op)
 
 
 def split(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:

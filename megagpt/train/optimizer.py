@@ -1,4 +1,4 @@
-"""AdamW with GPT-3's settings on fp32 main weights, optionally sharded across data parallelism (ZeRO-1).
+"""AdamW with GPT-3's settings on fp32 main weights, optionally sharded across data parallelism (ZeRO-1, 2, 3).
 
 The model computes in its own dtype (fp32, bf16 or fp16); the optimizer never touches low-precision numbers:
 
@@ -7,9 +7,10 @@ The model computes in its own dtype (fp32, bf16 or fp16); the optimizer never to
     model param  <--copy / all-gather--  main param
 
 The optimizer works on *pieces*: 1-D ranges of the flattened model parameters, the ones GradBuckets says this rank
-owns (whole parameters with zero=0, this rank's 1/dp slices with zero=1). AdamW is elementwise, so updating a
+owns (whole parameters with zero=0, this rank's 1/dp slices with zero >= 1). AdamW is elementwise, so updating a
 parameter piece by piece is exactly updating it whole. Each piece is an fp32 nn.Parameter whose .grad is a view
-of main_grad: for an fp32 model it is a view of the model parameter itself (updated in place, no copy); for
+of the reduced gradient (main_grad, or with zero >= 2 the rank's gradient slice): for an fp32 model it is a view
+of the model parameter itself (with zero=3 of the rank's parameter slice; updated in place, no copy); for
 bf16/fp16 it is an fp32 copy, the main weight, written back to the model after every step. Each piece carries the
 ParamSpec of its parameter (parallel/params.py), so finalize_grads and the global norm (parallel/grads.py) treat
 it as they would the parameter.
@@ -48,9 +49,9 @@ class MainParamOptimizer:
         self.clip_grad = optim.clip_grad
         self.pieces: list[tuple[torch.nn.Parameter, int, int, torch.nn.Parameter]] = []  # (model, start, end, main)
         for param, start, end in grads.owned_pieces():
-            flat = param.detach().view(-1)[start:end]
+            flat = grads.param_piece(param, start, end)  # zero=3: in this rank's slice of the parameters
             main = torch.nn.Parameter(flat if param.dtype == torch.float32 else flat.float())
-            main.grad = param.main_grad.view(-1)[start:end]
+            main.grad = grads.grad_piece(param, start, end)  # zero >= 2: in this rank's slice of the gradients
             copy_spec(param, main)
             self.pieces.append((param, start, end, main))
         self.mains = [main for *_, main in self.pieces]
@@ -101,7 +102,7 @@ class MainParamOptimizer:
         if self.copies_back:
             with torch.no_grad():
                 for param, start, end, main in self.pieces:
-                    param.view(-1)[start:end].copy_(main)
+                    self.grads.param_piece(param, start, end).copy_(main)
         self.grads.gather_params()
         return norm, False
 
@@ -127,7 +128,7 @@ class MainParamOptimizer:
         """This rank's optimizer state, piece by piece, as a checkpoint saves it:
 
             {"step": Adam's step count (the same for every piece),
-             "sharded": True where the pieces are this rank's ZeRO-1 slices (each dp rank holds its own),
+             "sharded": True where the pieces are this rank's ZeRO slices (each dp rank holds its own),
              "pieces": [{"param": the model parameter, "start": int, "end": int,   # its flat range [start, end)
                          "exp_avg": tensor, "exp_avg_sq": tensor,
                          "main": tensor}, ...]}   # the fp32 main weight, only where it is a copy (bf16/fp16)

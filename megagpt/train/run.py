@@ -21,11 +21,10 @@ from megagpt.errors import UserError
 from megagpt.kernels import cuda_kernels
 from megagpt.kernels.build import KernelBuildError
 from megagpt.log import get_logger
-from megagpt.model.build import build_model
+from megagpt.model.build import build_grad_buckets, build_model
 from megagpt.model.facts import compute_dtype
 from megagpt.parallel.comm import all_gather, barrier
 from megagpt.parallel.context import ParallelContext
-from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.pipeline import PipelineExecutor
 from megagpt.train.loss_scaler import LossScaler
 from megagpt.train.metrics import MetricsWriter
@@ -121,13 +120,8 @@ def build_loss_scaler(cfg: Config) -> LossScaler | None:
 
 def build_trainer(cfg: Config, ctx: ParallelContext, train_data, valid_data, metrics, checkpointer=None) -> Trainer:
     chunks = build_model(cfg, ctx)
-    grads = GradBuckets(
-        chunks.parameters(),
-        ctx.dp_group,
-        bucket_bytes=cfg.parallel.grad_bucket_mb * 2**20,
-        shard=cfg.parallel.zero == 1,
-    )
-    # After GradBuckets: with zero=1 it moves the parameters into its flat buffers, and the pieces view those.
+    grads = build_grad_buckets(cfg, ctx, chunks)
+    # After the buckets: with zero >= 1 they hold the parameters in flat buffers, and the pieces view those.
     optimizer = MainParamOptimizer(grads, cfg.optim, ctx, build_loss_scaler(cfg))
     executor = build_executor(cfg, ctx, chunks)
     return Trainer(cfg, ctx, chunks, executor, optimizer, grads, train_data, valid_data, metrics, checkpointer)

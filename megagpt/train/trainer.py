@@ -28,7 +28,7 @@ from megagpt.parallel.comm import all_gather, all_reduce
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.data_parallel import GradBuckets
 from megagpt.parallel.pipeline import PipelineExecutor
-from megagpt.train.memory import MemoryReport, step_peak, tensor_bytes
+from megagpt.train.memory import MemoryReport, step_peak
 from megagpt.train.metrics import MetricsWriter, StepPerformance, memory_fields
 from megagpt.train.optimizer import MainParamOptimizer
 from megagpt.train.peaks import device_peak
@@ -192,11 +192,15 @@ class Trainer:
     def measured_step(self) -> StepResult:
         """A train_step whose memory is measured: each rank's MemoryReport, gathered into state.memory and
         logged one line per pipeline stage (the ranks of one stage hold about the same)."""
+        self.buckets.transient.reset_peak()
         with step_peak(self.ctx.device) as peak:
             result = self.train_step()
+        params_bytes, grads_bytes = self.buckets.stored_bytes()  # zero 2 and 3 keep slices of them
+        if self.ctx.device.type != "cuda":  # storage resizes (zero 2, 3) escape the CPU tracker: add their peak
+            peak["peak_bytes"] += self.buckets.transient.peak
         report = MemoryReport(
-            params_bytes=tensor_bytes(self.chunks.parameters()),
-            grads_bytes=tensor_bytes(bucket.buffer for bucket in self.buckets.buckets),
+            params_bytes=params_bytes,
+            grads_bytes=grads_bytes,
             optimizer_bytes=self.optimizer.state_bytes(),
             peak_step_bytes=peak["peak_bytes"],
         )

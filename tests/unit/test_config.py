@@ -105,7 +105,7 @@ def test_validate_names_every_offending_value():
         ("data.split=90,x,10", "data.split '90,x,10' is not valid"),
         ("train.batch_rampup=[2,4,100]", "not a multiple of increment 4"),
         ("train.batch_rampup=[3,5,100]", "must be multiples of micro_batch_size * dp"),
-        ("parallel.zero=2", "parallel.zero=2 must be 0 or 1"),
+        ("parallel.zero=4", "parallel.zero=4 must be 0, 1, 2 or 3"),
         ("train.loss_scale=128", "train.loss_scale=128.0 only applies to train.precision=fp16 (got fp32)"),
         ("parallel.pp=3", "model.num_layers=4 does not split into parallel.pp * parallel.vpp = 3 * 1 = 3 equal stages"),
         ("parallel.vpp=2", "parallel.vpp=2 interleaves pipeline stages, so it needs parallel.pp > 1"),

@@ -155,3 +155,23 @@ def test_the_estimate_and_the_dry_run_know_the_zero_bubble_schedules(gpt3_175b, 
     assert "pipeline schedule 1f1b: 192 micro-batches per replica, predicted bubble 7.8%, up to 16" in printed
     assert "pipeline schedule zb-h1: 192 micro-batches per replica, predicted bubble 2.6%, up to 16" in printed
     assert "pipeline schedule zb-h2: 192 micro-batches per replica, predicted bubble 2.6%, up to 31" in printed
+
+
+def test_each_zero_level_divides_what_it_shards_by_dp(gpt3_175b):
+    """zero 1: the optimizer state / dp; zero 2: the fp32 gradients too; zero 3: the weights too; zero 2 and 3 add
+    their transient full buffers (two layers and the root under zero 3), less than what they save."""
+    at = {z: stage_estimate(dataclasses.replace(gpt3_175b, parallel=dataclasses.replace(
+        gpt3_175b.parallel, zero=z)), 1024, 0) for z in (0, 1, 2, 3)}  # fmt: skip
+    dp = 8
+    assert at[1].optimizer_bytes == pytest.approx(at[0].optimizer_bytes / dp, rel=1e-6)
+    assert (
+        at[2].grads_bytes == pytest.approx(at[1].grads_bytes / dp, rel=1e-6)
+        and at[2].weights_bytes == at[1].weights_bytes
+    )
+    assert at[3].weights_bytes == pytest.approx(at[1].weights_bytes / dp, rel=1e-6)
+    assert at[0].transient_bytes == at[1].transient_bytes == 0 < at[2].transient_bytes < at[3].transient_bytes
+    assert at[2].total_bytes < at[1].total_bytes < at[0].total_bytes  # zero 3 at 6 layers a stage: not smaller
+    # dp = 1 has nothing to shard over: every level stores what zero 1 stores
+    one = load_config(REPO / "configs/gpt3-175b.yaml", ["parallel.tp=8", "parallel.pp=16", "parallel.zero=3"])
+    single = stage_estimate(one, 128, 0)
+    assert single.weights_bytes == single.params * 2 and single.transient_bytes == 0
