@@ -1,6 +1,6 @@
 """The pipeline bubble on CPU: how long each stage waits, measured, next to what the schedules predict.
 
-    python bench/pipeline_bubble.py [--steps 3] [--hidden 256] [--seq 256]
+    python bench/pipeline_bubble.py [--steps 3] [--hidden 256] [--seq 256] [--dropout 0.0]
 
 For pp = 2 and 4 and m = 4 and 8 micro-batches per step, one world per (pp, m) runs every schedule in turn on the
 same processes: 1F1B, interleaved 1F1B (vpp = 2), and the zero-bubble ZB-H1 and ZB-H2. Every rank times its
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SCHEDULES = ("1f1b", "interleaved", "zb-h1", "zb-h2")
 
 
-def bubble_config(pp: int, schedule: str, m: int, steps: int, hidden: int, seq: int):
+def bubble_config(pp: int, schedule: str, m: int, steps: int, hidden: int, seq: int, dropout: float = 0.0):
     from megagpt.config import config_from_dict
 
     return config_from_dict(
@@ -39,6 +39,7 @@ def bubble_config(pp: int, schedule: str, m: int, steps: int, hidden: int, seq: 
             f"model.hidden_size={hidden}",
             "model.num_heads=4",
             f"model.seq_length={seq}",
+            f"model.dropout={dropout}",
             "model.vocab_size=1024",
             "model.make_vocab_size_divisible_by=1",
             "train.micro_batch_size=1",
@@ -52,7 +53,7 @@ def bubble_config(pp: int, schedule: str, m: int, steps: int, hidden: int, seq: 
     )
 
 
-def _stage_worker(rank: int, world_size: int, m: int, steps: int, hidden: int, seq: int):
+def _stage_worker(rank: int, world_size: int, m: int, steps: int, hidden: int, seq: int, dropout: float):
     """Every schedule on this rank, one after the other: {schedule: (busy s, wall s, peak bytes)}."""
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
@@ -63,7 +64,7 @@ def _stage_worker(rank: int, world_size: int, m: int, steps: int, hidden: int, s
     ctx = ParallelContext.initialize(Topology(1, 1, world_size), rank, torch.device("cpu"))
     results = {}
     for schedule in SCHEDULES:
-        cfg = bubble_config(world_size, schedule, m, steps, hidden, seq)
+        cfg = bubble_config(world_size, schedule, m, steps, hidden, seq, dropout)
         data = SyntheticDataset(m * (steps + 2), cfg.model.seq_length, cfg.model.vocab_size, 0)
         trainer = build_trainer(cfg, ctx, data, None, None)
         trainer.compute_gradients(m)  # warm-up
@@ -87,12 +88,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seq", type=int, default=256)
+    # GPT-3 trains with dropout 0.1: its masks are part of what a micro-batch keeps, which a pending W does not.
+    parser.add_argument("--dropout", type=float, default=0.0)
     args = parser.parse_args()
     from megagpt.parallel.pipeline import predicted_bubble
     from tests.local_world import run_world
 
     print(
-        f"GPT 8 layers, hidden {args.hidden}, seq {args.seq}, vocab 1024, micro-batch 1, fp32; "
+        f"GPT 8 layers, hidden {args.hidden}, seq {args.seq}, dropout {args.dropout}, vocab 1024, micro-batch 1, fp32; "
         f"mean of {args.steps} steps; "
         f"torch {torch.__version__}"
     )
@@ -102,7 +105,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for pp, m in [(2, 4), (2, 8), (4, 4), (4, 8)]:
-        stages = run_world(pp, _stage_worker, m, args.steps, args.hidden, args.seq, timeout=3000)
+        stages = run_world(pp, _stage_worker, m, args.steps, args.hidden, args.seq, args.dropout, timeout=3000)
         rows = {}
         for schedule in SCHEDULES:
             measured = statistics.mean((wall - busy) / busy for busy, wall, _ in (s[schedule] for s in stages))
