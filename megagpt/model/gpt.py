@@ -264,8 +264,11 @@ class GPT(nn.Module):
             # rank adds the position embeddings of its own shard.
             shard = divide(s, self.tp_group.size, "the sequence length under sequence parallelism")
             positions = positions[self.tp_group.index * shard : (self.tp_group.index + 1) * shard]
+        # The token embedding first: backward then finishes the position embedding's gradient before the tied
+        # token embedding's, so the gradient buckets launch in their list order (data_parallel.py).
+        tok = self.wte(tokens)
         wpe = embedding(positions, self.wpe.weight) if self.split_backward else self.wpe(positions)
-        x = self.wte(tokens) + wpe  # (b, s, h), or (b, s/tp, h)
+        x = tok + wpe  # (b, s, h), or (b, s/tp, h)
         with self.residual_rng():
             return self.drop(x)
 
