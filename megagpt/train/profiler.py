@@ -60,6 +60,8 @@ class StepProfiler:
     @contextlib.contextmanager
     def step(self, step: int):
         """Around training step `step` (numbered from 1, as logged)."""
+        if self.window is not None and self.profiler is None and step > self.window[1]:
+            self._stop(step, dump=False)  # resumed after the window: nothing to profile, stop recording memory
         if self.window is None or not self.window[0] - WARMUP_STEPS <= step <= self.window[1]:
             yield
             return
@@ -97,11 +99,20 @@ class StepProfiler:
             f"per rank; open in ui.perfetto.dev, or draw the pipeline: tools/plot.py --timeline {path.parent})"
         )
 
-    def _stop(self, step: int) -> None:
+    def close(self, step: int) -> None:
+        """The run stops after `step` (a stop signal, checkpoint.exit_after_minutes): a window still open writes
+        what it recorded."""
+        if self.profiler is not None:
+            self._stop(step)
+
+    def _stop(self, step: int, dump: bool = True) -> None:
         if self.profiler is not None:
             self.profiler.__exit__(None, None, None)  # writes the trace if the window was still recording
             self.profiler = None
         self.window = None  # one window per run
+        if self.memory_snapshot and not dump:
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.memory_snapshot = False
         if self.memory_snapshot:
             path = trace_dir(self.logging) / f"memory_rank{self.rank}_step{step}.pickle"
             torch.cuda.memory._dump_snapshot(str(path))

@@ -295,6 +295,7 @@ class Trainer:
                 self.metrics.write(row)
             window, window_time = [], 0.0
             if stop:
+                self.profiler.close(step)
                 return self.state
         if self.checkpointer is not None:
             self.checkpointer.at_end(self)

@@ -17,7 +17,7 @@ from megagpt.config import profile_steps, validate
 from megagpt.errors import ConfigError
 from megagpt.parallel.pipeline import ACTION_LABEL, Action, schedule
 from megagpt.parallel.trace_ranges import trace_range
-from megagpt.train.profiler import StepProfiler, trace_path
+from megagpt.train.profiler import MEMORY_HISTORY_ENTRIES, StepProfiler, trace_path
 from tests.conftest import REPO, tiny_config
 
 
@@ -116,6 +116,28 @@ def test_a_failing_step_still_writes_what_was_recorded(tmp_path):
     with pytest.raises(RuntimeError, match="the step failed"):
         run_steps(StepProfiler(cfg.logging, rank=0, device=torch.device("cpu")), range(1, 4), fail_at=2)
     assert step_ranges(trace_path(cfg.logging, 0, 1, 3)) == ["step 1", "step 2"]
+
+
+def test_a_run_stopped_inside_the_window_writes_what_was_recorded(tmp_path):
+    cfg = tiny_config(f"logging.dir={tmp_path}", "logging.profile=1-4")
+    profiler = StepProfiler(cfg.logging, rank=0, device=torch.device("cpu"))
+    run_steps(profiler, range(1, 3))
+    assert not (tmp_path / "traces").exists() or not list((tmp_path / "traces").iterdir())
+    profiler.close(2)  # what Trainer.train does when a stop signal ends the run after step 2
+    assert step_ranges(trace_path(cfg.logging, 0, 1, 4)) == ["step 1", "step 2"]
+
+
+def test_a_run_resumed_after_the_window_stops_recording_cuda_memory(tmp_path, monkeypatch):
+    """The snapshot's history is recorded from the start; a run resumed past the window must not record it for
+    the rest of the run (the CUDA calls are recorded here: this machine may have no GPU)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", lambda path: calls.append({"dump": path}))
+    cfg = tiny_config(f"logging.dir={tmp_path}", "logging.profile=2-3", "logging.memory_snapshot=true")
+    profiler = StepProfiler(cfg.logging, rank=0, device=torch.device("cuda"))
+    assert calls == [{"max_entries": MEMORY_HISTORY_ENTRIES}]
+    run_steps(profiler, range(5, 7))  # resumed from a checkpoint of step 4
+    assert calls[1:] == [{"enabled": None}] and profiler.window is None
 
 
 def test_memory_snapshot_is_taken_only_on_cuda(tmp_path, monkeypatch):
