@@ -61,6 +61,11 @@ def rank_file_payload(pieces: list[dict], rng: dict | None) -> dict:
     return {"format": FORMAT, PIECES_KEY: pieces, "rng": rng}
 
 
+# data.split's default when checkpoints did not record their data rules yet: a fact of those runs, kept apart from
+# today's default (config.py), which may change.
+SPLIT_BEFORE_DATA_RULES = "969,30,1"
+
+
 @dataclass(frozen=True)
 class TensorShard:
     """How this rank holds a parameter: the global name, its local shape, and the tensor-parallel split."""
@@ -226,7 +231,7 @@ class CheckpointMetadata:
         if self.data_rules is not None:
             return dict(self.data_rules)
         trained_before = self.consumed_samples > 0 and self.converted_from is None
-        return {"split": "969,30,1", "megatron_compat": not trained_before}
+        return {"split": SPLIT_BEFORE_DATA_RULES, "megatron_compat": not trained_before}
 
     def to_json(self) -> str:
         values = dataclasses.asdict(self)
