@@ -119,7 +119,12 @@ def read_timeline(folder: str | Path, step: int | None = None) -> Timeline:
     world_size = next((world for _, _, world in traces.values() if world), None)
     if step is None:  # the last step every rank profiled
         last = [_step_range(events, None) for _, events in raw.values()]
-        step = min(found[0] for found in last if found is not None) if any(last) else 0
+        if not any(last):
+            raise UserError(
+                f"the traces in {folder} hold no training step ('step N' range); profile a run with "
+                "logging.profile and point at its traces folder"
+            )
+        step = min(found[0] for found in last if found is not None)
     ranges = {rank: _step_range(events, step) for rank, (_, events) in raw.items()}
     missing = sorted(rank for rank, found in ranges.items() if found is None)
     if missing:

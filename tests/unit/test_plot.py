@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from megagpt.cli.plot import main
+from megagpt.errors import UserError
 from megagpt.timeline import read_timeline
 from tests.conftest import REPO
 
@@ -134,6 +135,11 @@ def test_timeline_reads_the_action_ranges_and_aligns_hosts(tmp_path):
     assert main(["--timeline", str(tmp_path / "run"), "--out", str(out)]) == 0
     assert png_size(out)[0] >= 1000
     assert main(["--timeline", str(traces), "--step", "5"]) == 2  # no such profiled step: one sentence
+
+    # Traces without any training step (not written by logging.profile) say so, not "no range 'step 0'".
+    write_trace(tmp_path / "bare", 0, "a", 1e9, [("F mb0 c0", 10, 20)])
+    with pytest.raises(UserError, match="hold no training step"):
+        read_timeline(tmp_path / "bare")
 
 
 def test_tools_plot_is_a_thin_script_that_answers_help():
