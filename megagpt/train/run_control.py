@@ -52,22 +52,20 @@ class StopRequests:
     def _on_signal(self, signum, frame) -> None:
         self.signal_received = signal.Signals(signum).name
 
-    def stop_reason(self, more: list[float] | None = None) -> str | None:
-        """Why the run must stop now, agreed by every rank: a signal any rank got, or the time limit.
-        Agreed each step over the host group (gloo, CPU tensors): no wait for the GPU's queue. `more`: further
-        flags to agree on in the same all-reduce (the asynchronous save's status), replaced by their max."""
+    def stop_reason(self, more: list[float] = ()) -> tuple[str | None, list[float]]:
+        """Why the run must stop now, agreed by every rank: a signal any rank got, or the time limit; and the max
+        over ranks of `more`, further flags agreed in the same all-reduce (the asynchronous save's status).
+        Agreed each step over the host group (gloo, CPU tensors): no wait for the GPU's queue."""
         limit = self.exit_after_minutes
         over_time = limit is not None and time.monotonic() - self.started >= limit * 60
-        extra = more or []
-        flags = torch.tensor([float(self.signal_received is not None), float(over_time), *extra])
+        flags = torch.tensor([float(self.signal_received is not None), float(over_time), *more])
         all_reduce(flags, self.host_group, op="max")
-        if extra:
-            extra[:] = flags[2:].tolist()  # a CPU tensor: no wait for the GPU
+        agreed_more = flags[2:].tolist()  # a CPU tensor: no wait for the GPU
         if flags[0] > 0:
-            return self.signal_received or "a stop signal on another rank"
+            return self.signal_received or "a stop signal on another rank", agreed_more
         if flags[1] > 0:
-            return f"checkpoint.exit_after_minutes={limit}"
-        return None
+            return f"checkpoint.exit_after_minutes={limit}", agreed_more
+        return None, agreed_more
 
 
 class Checkpointer:
@@ -90,8 +88,8 @@ class Checkpointer:
         follows (the trainer's check that the steps since its last row had finite losses). With async_save, the
         save in flight is published here once every rank's writer has finished (or its failure raised)."""
         step = trainer.state.step
-        writer_status = self.async_saver.local_status() if self.async_saver is not None else None
-        reason = self.stops.stop_reason(writer_status)
+        writer_status = self.async_saver.local_status() if self.async_saver is not None else []
+        reason, writer_status = self.stops.stop_reason(writer_status)
         if self.async_saver is not None:
             self.async_saver.agreed(writer_status)
         due = self.settings.save_interval > 0 and step % self.settings.save_interval == 0
