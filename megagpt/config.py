@@ -635,6 +635,10 @@ def _logging_problems(lg: LoggingConfig) -> list[str]:
         problems.check(
             lg.wandb_run_name is None, "logging.wandb_run_name is set without logging.wandb_project; set the project"
         )
+        problems.check(
+            lg.wandb_mode == "auto",
+            f"logging.wandb_mode={lg.wandb_mode} is set without logging.wandb_project; set the project",
+        )
     problems.extend(_user_error(profile_steps, lg))
     if lg.profile_ranks != "all":
         problems.check(

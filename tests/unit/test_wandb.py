@@ -100,6 +100,8 @@ def test_wandb_keys_are_validated_and_a_missing_wandb_is_one_sentence(monkeypatc
         validate(tiny_config("logging.peak_tflops=0"))
     with pytest.raises(ConfigError, match="logging.wandb_run_name is set without logging.wandb_project"):
         validate(tiny_config("logging.wandb_run_name=x"))
+    with pytest.raises(ConfigError, match="logging.wandb_mode=offline is set without logging.wandb_project"):
+        validate(tiny_config("logging.wandb_mode=offline"))
     with pytest.raises(ConfigError, match="config key 'logging.wandb_mode' got 'sometimes'"):
         tiny_config("logging.wandb_mode=sometimes")
     validate(tiny_config("logging.wandb_project=", "logging.peak_tflops=312"))  # an empty project is off
