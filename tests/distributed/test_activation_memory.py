@@ -48,6 +48,8 @@ def measure_layers(rank: int, world_size: int) -> list[tuple]:
     rows = []
     for tp in (1, 2, 4):
         ctx = ParallelContext.initialize(Topology(tp, world_size // tp, 1), rank, torch.device("cpu"))
+        if rank >= tp:  # only rank 0's tensor-parallel group is read: the other groups would measure the same
+            continue
         for sp in (False, True) if tp > 1 else (False,):
             for recompute in ("none", "selective", "full"):
                 for dropout in (0.0, 0.1):

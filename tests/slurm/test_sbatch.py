@@ -125,6 +125,15 @@ class Cluster:
         out = self.run("scontrol", "show", "job", job_id, "--oneliner").stdout
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
+    def log_tail(self, lines: int = 15) -> str:
+        """The end of slurmctld's and slurmd's logs, for failures that happen before a job writes any output."""
+        tails = []
+        for daemon in ("slurmctld", "slurmd"):
+            path = self.root / "log" / f"{daemon}.log"
+            text = path.read_text().splitlines()[-lines:] if path.exists() else ["(no log)"]
+            tails.append(f"\n--- {path} ---\n" + "\n".join(text))
+        return "".join(tails)
+
     def wait_for(self, job_id: str, states: tuple[str, ...], timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -163,7 +172,7 @@ def test_sbatch_tiny_cpu_trains_four_ranks_and_writes_metrics(cluster, tmp_path)
     job = submit(cluster, tmp_path / "run", iters=12)
     info = cluster.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
     output = (tmp_path / f"slurm-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED", output[-3000:]
+    assert info["JobState"] == "COMPLETED", output[-3000:] + cluster.log_tail()
     assert "launched by slurm: rank 0 of 4, layout tp=2 dp=1 pp=2" in output
     assert steps(tmp_path / "run") == list(range(1, 13))
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000012"
@@ -179,11 +188,15 @@ def test_a_signalled_job_saves_requeues_and_resumes(cluster, tmp_path):
         time.sleep(0.2)
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     info = cluster.wait_for(job, ("PENDING", "COMPLETED", "FAILED"), timeout=120)
-    assert info["JobState"] == "PENDING" and info["Restarts"] == "1"
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue delay
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", cluster.log_tail()
+    # Skip Slurm's requeue delay, but not all of it: slurmd refuses a credential created in the same second as the
+    # kill that ended the first run ("Job credential revoked", its revocation check compares whole seconds), so a
+    # restart within that second fails the job. Two seconds clear it.
+    time.sleep(2.0)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     info = cluster.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"))
     output = (tmp_path / f"slurm-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED", output[-3000:]
+    assert info["JobState"] == "COMPLETED", output[-3000:] + cluster.log_tail()
     assert "(SIGUSR1): checkpoint saved" in output and "requeueing to resume from the checkpoint" in output
     stopped = int(output.split("stopping after step ")[1].split(" ")[0])
     assert f"loaded checkpoint {run_dir}/checkpoints/step_{stopped:08d} (step {stopped}, same layout)" in output
