@@ -53,6 +53,8 @@ With dp = 1 every zero level keeps everything whole (there is nothing to shard o
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -169,6 +171,7 @@ class GradBuckets:
             self.bucket_of[param] = bucket
             self.offset_of[param] = offset
             param.register_post_accumulate_grad_hook(self._on_grad_ready)
+            param.accumulate_main_grad = functools.partial(self.accumulate_main_grad, param)
         low, high = self.owned_range(bucket)
         if self.shard_grads:
             bucket.grad_shard = torch.zeros(high - low, dtype=torch.float32, device=device)
@@ -221,11 +224,19 @@ class GradBuckets:
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
         if param.grad is None:  # a zero-bubble B left this gradient to its W (parallel/weight_grads.py)
             return
+        grad, param.grad = param.grad, None
+        self.accumulate_main_grad(param, lambda main_grad: main_grad.add_(grad))
+
+    def accumulate_main_grad(self, param: torch.nn.Parameter, add: Callable[[torch.Tensor], object]) -> None:
+        """add(main_grad) adds one micro-batch's gradient of param into its fp32 main gradient in place; then the
+        bucket counts it and may start its reduction. Autograd's gradients arrive here from the post-accumulate
+        hook; a zero-bubble W calls it directly (param.accumulate_main_grad), so that a linear's weight gradient
+        is accumulated by the matmul itself (addmm into main_grad, Megatron's gradient-accumulation fusion)
+        instead of being materialised, handed to autograd and added."""
         bucket = self.bucket_of[param]
         if self.shard_grads:
             self._open(bucket)
-        param.main_grad.add_(param.grad)
-        param.grad = None
+        add(param.main_grad)
         bucket.unscattered += 1
         received = self.received[param] = self.received.get(param, 0) + 1
         if received > self.expected:

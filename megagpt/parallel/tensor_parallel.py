@@ -24,7 +24,7 @@ from megagpt.parallel.comm import (
 from megagpt.parallel.context import Group
 from megagpt.parallel.params import update_spec
 from megagpt.parallel.trace_ranges import trace_range
-from megagpt.parallel.weight_grads import add_bias, defer, embedding, has_deferred_queue, linear
+from megagpt.parallel.weight_grads import MatmulGrad, add_bias, defer, embedding, has_deferred_queue, linear
 
 
 def divide(n: int, parts: int, what: str) -> int:
@@ -99,7 +99,7 @@ def _sequence_parallel_input_grad(ctx, x, weight, grad):
         rows = grad.reshape(-1, grad.shape[-1])  # (b*s, out/tp)
         with trace_range("tp all-gather (sequence-parallel input, W)"):
             full = all_gather(x, 1, group)  # (b, s, in): every tp rank runs its W in the same order
-        yield ctx.weight, rows.t().matmul(full.reshape(-1, full.shape[-1])) if ctx.needs_input_grad[1] else None
+        yield ctx.weight, MatmulGrad(rows.t(), full.reshape(-1, full.shape[-1])) if ctx.needs_input_grad[1] else None
         yield bias, rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
 
     defer(compute)

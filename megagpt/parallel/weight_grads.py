@@ -12,10 +12,14 @@ reciprocal std and output gradient, the embedding's indices and output gradient)
     ...
     queue.run()                              # W: the weight gradients, accumulated like any backward's
 
-W hands its gradients to autograd (torch.autograd.backward on the weights as the layers received them), so they
-reach each parameter's .grad through the same AccumulateGrad as a plain backward, and the gradient buckets'
-post-accumulate hooks (data_parallel.py) fire on them: every gradient is counted once, and a bucket's reduction
-starts as soon as the W work of its last parameter is done.
+W adds each gradient where a plain backward's would go. A parameter of the gradient buckets (data_parallel.py)
+takes it straight into its fp32 main gradient through param.accumulate_main_grad, which counts it for the bucket:
+a linear's weight gradient is accumulated by the matmul itself (addmm into main_grad where the dtypes agree,
+Megatron's gradient-accumulation fusion), so W allocates no gradient tensor and adds nothing afterwards. Any
+other weight (no buckets, or a tensor derived from a parameter) gets its gradient through autograd
+(torch.autograd.backward on the weight as the layer received it), i.e. the same AccumulateGrad and hooks as a
+plain backward. Either way every gradient is counted once, and a bucket's reduction starts as soon as the W work
+of its last parameter is done.
 
 The layers opt in with `split_backward` (set by `enable_split_backward` for the zero-bubble schedules only); without
 it they run the plain torch ops, exactly as before. A split layer whose backward runs without a queue (no B of a
@@ -27,11 +31,25 @@ from __future__ import annotations
 import collections
 import contextlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-WeightGrads = Iterable[tuple[torch.Tensor, torch.Tensor | None]]  # (weight as the layer received it, its gradient)
+
+@dataclass
+class MatmulGrad:
+    """A weight gradient left as the product a @ b, so that W can accumulate it in one addmm."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    def materialize(self) -> torch.Tensor:
+        return self.a.matmul(self.b)
+
+
+# (weight as the layer received it, its gradient: a tensor, a MatmulGrad, or None when it needs none)
+WeightGrads = Iterable[tuple[torch.Tensor, "torch.Tensor | MatmulGrad | None"]]
 
 # The queue the running B appends to. Module-level on purpose: autograd runs a CUDA backward on its own device
 # threads, where a thread-local would not be seen; B itself is one synchronous call on the main thread.
@@ -54,11 +72,31 @@ class WeightGradQueue:
         the layouts the zero-bubble schedules run, so it gets one gradient per micro-batch (the buckets count)."""
         while self.work:
             compute = self.work.popleft()  # dropping the record frees what it saved
+            through_autograd = []
             with torch.no_grad():  # as inside backward, where the work was queued
-                pairs = [(weight, grad) for weight, grad in compute() if grad is not None]
+                for weight, grad in compute():
+                    if grad is not None and not _into_main_grad(weight, grad):
+                        through_autograd.append((weight, _tensor(grad)))
             del compute
-            if pairs:
-                torch.autograd.backward([weight for weight, _ in pairs], [grad for _, grad in pairs])
+            if through_autograd:
+                torch.autograd.backward([w for w, _ in through_autograd], [g for _, g in through_autograd])
+
+
+def _tensor(grad: torch.Tensor | MatmulGrad) -> torch.Tensor:
+    return grad.materialize() if isinstance(grad, MatmulGrad) else grad
+
+
+def _into_main_grad(weight: torch.Tensor, grad: torch.Tensor | MatmulGrad) -> bool:
+    """Accumulate grad into the fp32 main gradient of a bucketed parameter (False: weight is not one)."""
+    accumulate = getattr(weight, "accumulate_main_grad", None)
+    if accumulate is None:
+        return False
+    if isinstance(grad, MatmulGrad) and grad.a.dtype == weight.main_grad.dtype:
+        accumulate(lambda main_grad: main_grad.addmm_(grad.a, grad.b))
+    else:  # a low-precision product is rounded first, as autograd's gradient would be, then added in fp32
+        value = _tensor(grad)
+        accumulate(lambda main_grad: main_grad.add_(value))
+    return True
 
 
 @contextlib.contextmanager
@@ -88,7 +126,7 @@ def weight_grads_now_or_later(compute: Callable[[], WeightGrads], wanted: int) -
     """For a split layer's backward: () x wanted Nones when the work was queued, else the gradients computed now."""
     if defer(compute):
         return (None,) * wanted
-    return tuple(grad for _, grad in compute())
+    return tuple(None if grad is None else _tensor(grad) for _, grad in compute())
 
 
 def enable_split_backward(model: torch.nn.Module) -> None:
@@ -123,7 +161,7 @@ class _Linear(torch.autograd.Function):
 
         def compute():
             rows = _rows(grad)
-            yield weight, rows.t().matmul(_rows(x)) if _wants(weight) else None
+            yield weight, MatmulGrad(rows.t(), _rows(x)) if _wants(weight) else None
             yield bias, rows.sum(0) if _wants(bias) else None
 
         return (grad_x, *weight_grads_now_or_later(compute, 2))

@@ -99,6 +99,43 @@ def test_w_gradients_reach_the_post_accumulate_hooks_once_per_weight():
     assert sorted(fired) == sorted(name for name, _ in model.named_parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w_accumulates_into_the_buckets_main_grads_as_a_plain_backward_does(dtype):
+    """With gradient buckets, W adds each weight gradient straight into the fp32 main gradient (a linear's by
+    addmm, the fusion; bf16 products rounded first, as autograd's gradient is) and the bucket counts it: over two
+    micro-batches the main gradients equal two plain backwards', every parameter is counted twice, and no .grad
+    is left behind."""
+    from megagpt.parallel.data_parallel import GradBuckets
+
+    group = ParallelContext.single_process().dp_group
+    models = {split: stage(split, "none", False, True, 0.0).to(dtype) for split in (False, True)}
+    through_autograd = set()  # W's gradients reach main_grad directly; only B's own (the output layer's) use hooks
+
+    def seen(param, name):
+        if param.grad is not None:
+            through_autograd.add(name)
+
+    for name, param in models[True].named_parameters():
+        param.register_post_accumulate_grad_hook(lambda p, name=name: seen(p, name))  # before the buckets' hook
+    buckets = {split: GradBuckets(model.parameters(), group, bucket_bytes=2**16) for split, model in models.items()}
+    tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(5))
+    for split, model in models.items():
+        buckets[split].start_step(2)
+        for micro_batch in range(2):
+            x = torch.randn(2, SEQ, 32, generator=torch.Generator().manual_seed(micro_batch)).to(dtype)
+            queue = WeightGradQueue() if split else None
+            run(model, x, tokens[:, 1:], queue)
+            if split:
+                queue.run()
+    reference = dict(models[False].named_parameters())
+    for name, param in models[True].named_parameters():
+        assert param.grad is None, name
+        assert buckets[True].received[param] == 2, name
+        tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
+        torch.testing.assert_close(param.main_grad, reference[name].main_grad, **tolerance, msg=name)
+    assert through_autograd == {"wte.weight"}
+
+
 def test_only_the_zero_bubble_schedules_build_split_layers():
     """Other schedules run the plain torch ops, exactly as before the split existed."""
     from megagpt.model.build import build_model
