@@ -1,12 +1,14 @@
 """The pipeline bubble on CPU: how long each stage waits, measured, next to what the schedules predict.
 
-    python bench/pipeline_bubble.py [--steps 3] [--hidden 256] [--seq 256] [--dropout 0.0]
+    python bench/pipeline_bubble.py [--steps 5] [--hidden 512] [--seq 128] [--dropout 0.1]
 
-For pp = 2 and 4 and m = 4 and 8 micro-batches per step, one world per (pp, m) runs every schedule in turn on the
-same processes: 1F1B, interleaved 1F1B (vpp = 2), and the zero-bubble ZB-H1 and ZB-H2. Every rank times its
-compute (forwards, backwards, and the zero-bubble weight passes: "busy") and the whole step ("wall"). The bubble
-is the waiting per unit of work, (wall - busy) / busy, averaged over the stages; the prediction is
-pipeline.predicted_bubble: (p - 1) / m, (p - 1) / (v m), and (p - 1) / (3 m) for the zero-bubble schedules.
+For pp = 2 and 4 and m = 4 and 8 micro-batches per step, one world per (pp, m) runs every schedule on the same
+processes, one step of each in turn: 1F1B, interleaved 1F1B (vpp = 2), and the zero-bubble ZB-H1 and ZB-H2.
+Every rank times its compute (forwards, backwards, and the zero-bubble weight passes: "busy") and the whole step
+("wall"). The bubble is the waiting per unit of work, (wall - busy) / busy, averaged over the stages, the median
+over steps. Two predictions (pipeline.predicted_bubble): at equal pass times, (p - 1) / m, (p - 1) / (v m) and
+(p - 1) / (3 m) for the zero-bubble schedules; and at the measured median F, B and W of ZB-H1's passes, where
+ZB-H1's is (p - 1)(F + B - W) / (m (F + B + W)), a third of 1F1B's only where the three passes take equal times.
 Peak memory is the most any stage's step allocated beyond what it held before the step (the allocation tracker,
 train/memory.py), measured in one extra step. One thread per process; with pp = 4 four processes share this
 machine's cores, which the busy time absorbs as long as waiting ranks sleep.
@@ -54,7 +56,8 @@ def bubble_config(pp: int, schedule: str, m: int, steps: int, hidden: int, seq: 
 
 
 def _stage_worker(rank: int, world_size: int, m: int, steps: int, hidden: int, seq: int, dropout: float):
-    """Every schedule on this rank, one after the other: {schedule: (busy s, wall s, peak bytes)}."""
+    """Every schedule on this rank, their steps taken in turn (1F1B, interleaved, ZB-H1, ZB-H2, 1F1B, ...) so that
+    each sees the same machine: {schedule: ([(busy s, wall s) per step], peak bytes, {F/B/W: [seconds]})}."""
     from megagpt.data.gpt_dataset import SyntheticDataset
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
@@ -62,60 +65,72 @@ def _stage_worker(rank: int, world_size: int, m: int, steps: int, hidden: int, s
     from megagpt.train.run import build_trainer
 
     ctx = ParallelContext.initialize(Topology(1, 1, world_size), rank, torch.device("cpu"))
-    results = {}
+    trainers, results = {}, {}
     for schedule in SCHEDULES:
         cfg = bubble_config(world_size, schedule, m, steps, hidden, seq, dropout)
         data = SyntheticDataset(m * (steps + 2), cfg.model.seq_length, cfg.model.vocab_size, 0)
-        trainer = build_trainer(cfg, ctx, data, None, None)
-        trainer.compute_gradients(m)  # warm-up
-        trainer.buckets.zero()
-        busy, wall = 0.0, 0.0
-        for _ in range(steps):
+        trainers[schedule] = build_trainer(cfg, ctx, data, None, None)
+        trainers[schedule].compute_gradients(m)  # warm-up
+        trainers[schedule].buckets.zero()
+        results[schedule] = ([], 0, {"F": [], "B": [], "W": []})
+    for _ in range(steps):
+        for schedule, trainer in trainers.items():
             start = time.perf_counter()
             _, record = trainer.compute_gradients(m)
-            wall += time.perf_counter() - start
-            busy += record.busy_s
+            results[schedule][0].append((record.busy_s, time.perf_counter() - start))
+            for action, begin, end in record.events:
+                results[schedule][2][action.kind].append(end - begin)
             trainer.buckets.zero()
+    for schedule, trainer in trainers.items():
         with step_peak(ctx.device) as peak:
             trainer.compute_gradients(m)
         trainer.buckets.zero()
-        results[schedule] = (busy, wall, peak["peak_bytes"])
+        results[schedule] = (results[schedule][0], peak["peak_bytes"], results[schedule][2])
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    # s / h = 1/4, where pipelines are used: GPT-3 13B has s / h = 0.4, 175B 0.17 (the sizes that need pp).
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--seq", type=int, default=128)
     # GPT-3 trains with dropout 0.1: its masks are part of what a micro-batch keeps, which a pending W does not.
-    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--dropout", type=float, default=0.1)
     args = parser.parse_args()
     from megagpt.parallel.pipeline import predicted_bubble
     from tests.local_world import run_world
 
     print(
         f"GPT 8 layers, hidden {args.hidden}, seq {args.seq}, dropout {args.dropout}, vocab 1024, micro-batch 1, fp32; "
-        f"mean of {args.steps} steps; "
-        f"torch {torch.__version__}"
+        f"median of {args.steps} steps per schedule, the schedules' steps in turn; torch {torch.__version__}"
     )
     print(
-        "| pp | m | schedule | measured bubble (wall - busy) / busy | predicted | bubble / 1F1B's | "
-        "peak step memory (MiB, fullest stage) | memory / 1F1B's | step wall time (s) |"
+        "| pp | m | schedule | measured bubble (wall - busy) / busy | predicted, equal F B W | F / B / W (ms) | "
+        "predicted at these times | bubble / 1F1B's | peak step memory (MiB, fullest stage) | memory / 1F1B's | "
+        "step wall time (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for pp, m in [(2, 4), (2, 8), (4, 4), (4, 8)]:
         stages = run_world(pp, _stage_worker, m, args.steps, args.hidden, args.seq, args.dropout, timeout=3000)
         rows = {}
         for schedule in SCHEDULES:
-            measured = statistics.mean((wall - busy) / busy for busy, wall, _ in (s[schedule] for s in stages))
-            wall = statistics.mean(s[schedule][1] for s in stages) / args.steps
-            peak = max(s[schedule][2] for s in stages)
-            rows[schedule] = (measured, peak, wall)
-        for schedule, (measured, peak, wall) in rows.items():
+            # Per step: the stages' mean bubble, then the median over steps (a load spike spoils one step, not all).
+            per_step = [
+                statistics.mean((wall - busy) / busy for busy, wall in (s[schedule][0][i] for s in stages))
+                for i in range(args.steps)
+            ]
+            wall = statistics.median(max(s[schedule][0][i][1] for s in stages) for i in range(args.steps))
+            peak = max(s[schedule][1] for s in stages)
+            times = {kind: [t for s in stages for t in s[schedule][2][kind]] for kind in "FBW"}
+            rows[schedule] = (statistics.median(per_step), peak, wall, times)
+        zb_times = tuple(statistics.median(rows["zb-h1"][3][kind]) for kind in "FBW")  # B and W apart
+        for schedule, (measured, peak, wall, times) in rows.items():
             vpp = 2 if schedule == "interleaved" else 1
+            passes = " / ".join(f"{1e3 * statistics.median(t):.0f}" if t else "-" for t in times.values())
             print(
-                f"| {pp} | {m} | {schedule} | {measured:.2f} | {predicted_bubble(schedule, pp, vpp, m):.2f} | "
+                f"| {pp} | {m} | {schedule} | {measured:.3f} | {predicted_bubble(schedule, pp, vpp, m):.3f} | "
+                f"{passes} | {predicted_bubble(schedule, pp, vpp, m, zb_times):.3f} | "
                 f"{measured / rows['1f1b'][0]:.2f} | {peak / 2**20:.1f} | {peak / rows['1f1b'][1]:.2f} | {wall:.3f} |"
             )
 

@@ -193,18 +193,25 @@ def max_alive_promised(pp: int, vpp: int, pp_rank: int, num_micro_batches: int, 
     return min((pp - pp_rank - 1) * 2 + (vpp - 1) * pp + 1, num_micro_batches * vpp)
 
 
-def predicted_bubble(name: str, pp: int, vpp: int, num_micro_batches: int) -> float:
-    """The time a stage waits per unit of its compute in one step, when forward, input-gradient and weight-gradient
-    passes take equal times (Qi et al. 2023): 1F1B (pp - 1) / m, interleaved (pp - 1) / (vpp m), ZB-H1 and ZB-H2
-    (pp - 1) / (3 m). Within megagpt's step, which ends with the loss and gradient-norm reductions on every rank,
-    no schedule waits less than the last stage's warm-up, (pp - 1) forwards: ZB-H2's extra warm-up forwards
-    (its near-zero bubble in the paper comes with letting stages run into the next step, not built here) do not
-    beat ZB-H1 there (tests/unit/test_pipeline_schedule.py simulates both)."""
+def predicted_bubble(
+    name: str, pp: int, vpp: int, num_micro_batches: int, times: tuple[float, float, float] = (1.0, 1.0, 1.0)
+) -> float:
+    """The time a stage waits per unit of its compute in one step, given the times of a forward, an input-gradient
+    pass and a weight-gradient pass, times = (F, B, W), equal by default (Qi et al. 2023): 1F1B waits
+    (pp - 1)(F + B + W) in a step of m (F + B + W), (pp - 1) / m whatever the times; interleaved (pp - 1) / (vpp m);
+    ZB-H1 (pp - 1)(F + B - W) / (m (F + B + W)), a third of 1F1B's at equal times but more where W is the short
+    pass (on CPU, where a forward's elementwise work and a backward's attention have no weight gradient to pair
+    with, F > B > W and the ratio can exceed a half: bench/pipeline_bubble.py measures F, B and W), and never less
+    than (pp - 1) B, the gradients' way back. ZB-H2 is given ZB-H1's: within megagpt's step, which ends with the
+    loss and gradient-norm reductions on every rank, its extra warm-up forwards (its near-zero bubble in the paper
+    comes with letting stages run into the next step, not built here) wait as long as ZB-H1 unless F < W, where
+    this is an upper bound (tests/unit/test_pipeline_schedule.py simulates both)."""
     if pp == 1:
         return 0.0
     name = resolve_schedule(name, vpp)
+    f, b, w = times
     if name in ZERO_BUBBLE:
-        return (pp - 1) / (3 * num_micro_batches)
+        return (pp - 1) * max(f + b - w, b) / (num_micro_batches * (f + b + w))
     return (pp - 1) / ((vpp if name == "interleaved" else 1) * num_micro_batches)
 
 

@@ -7,6 +7,7 @@ import pytest
 from megagpt.parallel.pipeline import (
     Action,
     max_alive_promised,
+    predicted_bubble,
     schedule,
     schedule_steps,
     stage_layers,
@@ -217,7 +218,21 @@ def idle_per_stage(pp, m, name, f, b, w):
 def test_zero_bubble_h1_cuts_the_bubble_to_f_plus_b_minus_w_per_stage(pp, m):
     """Qi et al.'s numbers: 1F1B idles (pp - 1)(F + B + W) per step, ZB-H1 (pp - 1)(F + B - W), a third of it
     at equal times; ZB-H2 no more than ZB-H1 (within one synchronized step neither can beat (pp - 1) F)."""
-    for f, b, w in [(1.0, 1.0, 1.0), (1.0, 1.5, 0.5)]:
+    for f, b, w in [(1.0, 1.0, 1.0), (1.0, 1.5, 0.5), (1.7, 1.3, 1.0)]:  # the last: CPU-like, F > B > W
         assert idle_per_stage(pp, m, "1f1b", f, b, w) == pytest.approx([(pp - 1) * (f + b + w)] * pp)
         assert idle_per_stage(pp, m, "zb-h1", f, b, w) == pytest.approx([(pp - 1) * (f + b - w)] * pp)
         assert idle_per_stage(pp, m, "zb-h2", f, b, w) <= idle_per_stage(pp, m, "zb-h1", f, b, w)
+
+
+@pytest.mark.parametrize("pp, m", [(2, 4), (2, 8), (4, 4), (4, 8), (8, 16)])
+@pytest.mark.parametrize("f, b, w", [(1.0, 1.0, 1.0), (1.0, 1.5, 0.5), (1.7, 1.3, 1.0), (1.0, 1.0, 0.2), (0.5, 1, 1)])
+def test_the_predicted_bubble_is_the_simulated_idle_at_any_pass_times(pp, m, f, b, w):
+    """predicted_bubble (estimate.py, --dry-run, the bench next to its measurements) per unit of compute: exact for
+    1F1B and ZB-H1, an upper bound for ZB-H2 that is exact unless the forward is the short pass."""
+    for name in ("1f1b", "zb-h1", "zb-h2"):
+        simulated = idle_per_stage(pp, m, name, f, b, w)[0] / (m * (f + b + w))
+        predicted = predicted_bubble(name, pp, 1, m, (f, b, w))
+        if name == "zb-h2" and f < w:
+            assert simulated <= predicted + 1e-9, (name, simulated, predicted)
+        else:
+            assert predicted == pytest.approx(simulated), (name, simulated, predicted)
