@@ -122,15 +122,15 @@ def load_weights_and_optimizer(trainer, saved: SavedCheckpoint, has_state: bool)
     pieces_of: dict[torch.nn.Parameter, list[dict]] = {}
     for piece in template["pieces"]:
         pieces_of.setdefault(piece["param"], []).append(piece)
-    with trainer.buckets.whole_params(load=True):  # ZeRO-3: each rank keeps its slices of what loads
-        _load_pieces(trainer, saved, has_state, pieces_of)
+    _load_pieces(trainer, saved, has_state, pieces_of)
     if has_state:
         optimizer.load_state_dict({"step": saved.meta.adam_step})
 
 
 def _load_pieces(trainer, saved: SavedCheckpoint, has_state: bool, pieces_of: dict) -> None:
     optimizer, vocab = trainer.optimizer, trainer.cfg.model.vocab_size
-    for param, shard, weight in copy_weights(saved, param_shards(trainer), vocab):
+    # ZeRO-3 keeps only this rank's slice of each weight (buckets.store_param): no parameter is whole here.
+    for param, shard, weight in copy_weights(saved, param_shards(trainer), vocab, trainer.buckets.store_param):
         pieces = pieces_of.get(param, [])
         moments = {kind: full_state(saved, kind, shard, vocab) for kind in MOMENTS} if pieces and has_state else {}
         updates = []

@@ -78,16 +78,21 @@ def rank_pieces(trainer, copy_out=None) -> list[dict]:
     return pieces
 
 
-def copy_weights(saved: SavedCheckpoint, shards: dict, vocab_size: int):
+def copy_weights(saved: SavedCheckpoint, shards: dict, vocab_size: int, store=None):
     """Load each parameter's shard of the checkpoint's weights into it; yields (param, shard, full weight).
     The fp32 main weight, where the saving run had one, is the weight (a bf16 model's weight is its rounding),
-    so a bf16 checkpoint loads into an fp32 model at full precision."""
+    so a bf16 checkpoint loads into an fp32 model at full precision. store(param, value) writes the value
+    (GradBuckets.store_param, which keeps a ZeRO-3 rank's slice only); the parameter itself when None."""
     with torch.no_grad():
         for param, shard in shards.items():
             weight = full_weight(saved, shard, vocab_size)
             if weight is None:
                 raise CheckpointError(f"checkpoint {saved.path} has no weights for {shard.name}")
-            param.copy_(shard.cut(weight).view_as(param).to(param.dtype))
+            value = shard.cut(weight).view_as(param).to(param.dtype)
+            if store is None:
+                param.copy_(value)
+            else:
+                store(param, value)
             yield param, shard, weight
 
 

@@ -52,7 +52,6 @@ With dp = 1 every zero level keeps everything whole (there is nothing to shard o
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -317,27 +316,18 @@ class GradBuckets:
             for work in works:
                 work.wait()
 
-    @contextlib.contextmanager
-    def whole_params(self, load: bool = False):
-        """Every parameter whole inside the block. zero=3 gathers them (load=True: only gives them memory, for a
-        checkpoint to fill, and keeps this rank's slices of what it wrote on the way out); otherwise a no-op."""
+    def store_param(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+        """Write a parameter's whole value (a checkpoint's, for this rank's tp shard). zero=3 keeps only this
+        rank's slice of it, so loading never holds more than one parameter whole; otherwise the parameter."""
         if not self.shard_params:
-            yield
+            param.copy_(value)
             return
-        if not load:
-            with self.gatherer.gathered():
-                yield
-            return
-        for bucket in self.buckets:
-            alloc_storage(bucket.param_buffer)
-        try:
-            yield
-            for bucket in self.buckets:
-                low, high = self.owned_range(bucket)
-                bucket.param_shard.copy_(bucket.param_buffer[low:high])
-        finally:
-            for bucket in self.buckets:
-                free_storage(bucket.param_buffer)
+        bucket = self.bucket_of[param]
+        low, high = self.owned_range(bucket)
+        offset = self.offset_of[param]
+        start, end = max(low, offset), min(high, offset + param.numel())
+        if start < end:
+            bucket.param_shard[start - low : end - low].copy_(value.reshape(-1)[start - offset : end - offset])
 
     def stored_bytes(self) -> tuple[int, int]:
         """(parameter bytes, gradient bytes) this rank keeps between steps: zero=2 and 3 keep 1/dp of the

@@ -15,7 +15,8 @@ reciprocal std and output gradient, the embedding's indices and output gradient)
 W adds each gradient where a plain backward's would go. A parameter of the gradient buckets (data_parallel.py)
 takes it straight into its fp32 main gradient through param.accumulate_main_grad, which counts it for the bucket:
 a linear's weight gradient is accumulated by the matmul itself (addmm into main_grad where the dtypes agree,
-Megatron's gradient-accumulation fusion), so W allocates no gradient tensor and adds nothing afterwards. Any
+Megatron's gradient-accumulation fusion) and an embedding's by index_add_ into main_grad, so W allocates no
+gradient tensor (no vocabulary-sized one for the embeddings) and adds nothing afterwards. Any
 other weight (no buckets, or a tensor derived from a parameter) gets its gradient through autograd
 (torch.autograd.backward on the weight as the layer received it), i.e. the same AccumulateGrad and hooks as a
 plain backward. Either way every gradient is counted once, and a bucket's reduction starts as soon as the W work
@@ -39,17 +40,47 @@ import torch.nn.functional as F
 
 @dataclass
 class MatmulGrad:
-    """A weight gradient left as the product a @ b, so that W can accumulate it in one addmm."""
+    """A linear's weight gradient left as the product a @ b: accumulated by one addmm into main_grad."""
 
     a: torch.Tensor
     b: torch.Tensor
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
     def materialize(self) -> torch.Tensor:
         return self.a.matmul(self.b)
 
+    def add_to(self, out: torch.Tensor) -> None:
+        out.addmm_(self.a, self.b)
 
-# (weight as the layer received it, its gradient: a tensor, a MatmulGrad, or None when it needs none)
-WeightGrads = Iterable[tuple[torch.Tensor, "torch.Tensor | MatmulGrad | None"]]
+
+@dataclass
+class RowsGrad:
+    """An embedding's weight gradient left as rows to add at their indices: accumulated by one index_add_ into
+    main_grad, with no vocabulary-sized temporary (at GPT-3 175B's width that temporary is 2.5 GB in fp32)."""
+
+    shape: torch.Size
+    index: torch.Tensor
+    rows: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
+    def materialize(self) -> torch.Tensor:
+        full = torch.zeros(self.shape, dtype=self.rows.dtype, device=self.rows.device)
+        return full.index_add_(0, self.index, self.rows)
+
+    def add_to(self, out: torch.Tensor) -> None:
+        out.index_add_(0, self.index, self.rows)
+
+
+Deferred = MatmulGrad | RowsGrad  # a gradient W can accumulate in place
+
+# (weight as the layer received it, its gradient: a tensor, a Deferred, or None when it needs none)
+WeightGrads = Iterable[tuple[torch.Tensor, "torch.Tensor | Deferred | None"]]
 
 # The queue the running B appends to. Module-level on purpose: autograd runs a CUDA backward on its own device
 # threads, where a thread-local would not be seen; B itself is one synchronous call on the main thread.
@@ -82,18 +113,18 @@ class WeightGradQueue:
                 torch.autograd.backward([w for w, _ in through_autograd], [g for _, g in through_autograd])
 
 
-def _tensor(grad: torch.Tensor | MatmulGrad) -> torch.Tensor:
-    return grad.materialize() if isinstance(grad, MatmulGrad) else grad
+def _tensor(grad: torch.Tensor | Deferred) -> torch.Tensor:
+    return grad.materialize() if isinstance(grad, (MatmulGrad, RowsGrad)) else grad
 
 
-def _into_main_grad(weight: torch.Tensor, grad: torch.Tensor | MatmulGrad) -> bool:
+def _into_main_grad(weight: torch.Tensor, grad: torch.Tensor | Deferred) -> bool:
     """Accumulate grad into the fp32 main gradient of a bucketed parameter (False: weight is not one)."""
     accumulate = getattr(weight, "accumulate_main_grad", None)
     if accumulate is None:
         return False
-    if isinstance(grad, MatmulGrad) and grad.a.dtype == weight.main_grad.dtype:
-        accumulate(lambda main_grad: main_grad.addmm_(grad.a, grad.b))
-    else:  # a low-precision product is rounded first, as autograd's gradient would be, then added in fp32
+    if isinstance(grad, (MatmulGrad, RowsGrad)) and grad.dtype == weight.main_grad.dtype:
+        accumulate(grad.add_to)
+    else:  # a low-precision gradient is formed first, as autograd's would be, then added in fp32
         value = _tensor(grad)
         accumulate(lambda main_grad: main_grad.add_(value))
     return True
@@ -205,8 +236,7 @@ class _Embedding(torch.autograd.Function):
         weight = ctx.weight
 
         def compute():
-            full = torch.zeros(weight.shape, dtype=grad.dtype, device=grad.device)
-            yield weight, full.index_add_(0, ids.reshape(-1), _rows(grad))
+            yield weight, RowsGrad(weight.shape, ids.reshape(-1), _rows(grad))
 
         return (None, *weight_grads_now_or_later(compute, 1))
 

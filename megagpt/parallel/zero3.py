@@ -31,8 +31,6 @@ step, which is what ZeRO-3 exists to avoid (bench/zero.py measures the cost; doc
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from megagpt.parallel.comm import all_gather_flat, named_failure
@@ -203,15 +201,3 @@ class ParamGatherer:
         """Free every unit (after a step's backward: a unit whose parameters all got no gradient stays gathered)."""
         for unit in self.units:
             self.free(unit)
-
-    @contextlib.contextmanager
-    def gathered(self):
-        """Every parameter whole inside the block (tools, tests, a checkpoint fallback); freed after."""
-        for unit in self.units:
-            self.start(unit)
-        for unit in self.units:
-            self.wait(unit)
-        try:
-            yield
-        finally:
-            self.release()

@@ -76,6 +76,34 @@ def pretrain_in(rank, topology, cfg):
     return curve(state), state.memory[rank]
 
 
+def pretrain_loading_slices_only(rank, topology, cfg):
+    """pretrain_in, failing if loading the checkpoint gives a full parameter buffer memory: at zero 3 each rank
+    writes its slices straight from the checkpoint, so loading never holds more than one parameter whole."""
+    from megagpt.checkpoint import load
+    from megagpt.parallel import data_parallel, zero3
+
+    originals = load.load_weights_and_optimizer, data_parallel.alloc_storage, zero3.alloc_storage
+    loading = []
+
+    def alloc_storage(tensor):
+        assert not loading, f"loading a zero 3 checkpoint allocated a {tensor.numel()}-element full buffer"
+        return originals[1](tensor)
+
+    def load_weights_and_optimizer(*args):
+        loading.append(True)
+        try:
+            return originals[0](*args)
+        finally:
+            loading.pop()
+
+    load.load_weights_and_optimizer = load_weights_and_optimizer
+    data_parallel.alloc_storage = zero3.alloc_storage = alloc_storage
+    try:
+        return pretrain_in(rank, topology, cfg)
+    finally:
+        load.load_weights_and_optimizer, data_parallel.alloc_storage, zero3.alloc_storage = originals
+
+
 def dp4_world(rank, world_size, root, reference_checkpoint):
     from megagpt.parallel.context import ParallelContext
     from megagpt.parallel.topology import Topology
@@ -95,10 +123,10 @@ def dp4_world(rank, world_size, root, reference_checkpoint):
         out[f"whole{zero}"], out[f"memory{zero}"] = pretrain_in(rank, topology, cfg)
         resume = [f"checkpoint.load={root / f'ck{zero}' / 'step_00000005'}", f"checkpoint.dir={root / f'ckr{zero}'}"]
         cfg = zero_config(1, 1, False, root / f"resumed{zero}", f"parallel.zero={zero}", *resume)
-        out[f"resumed{zero}"], _ = pretrain_in(rank, topology, cfg)
+        out[f"resumed{zero}"], _ = pretrain_loading_slices_only(rank, topology, cfg)
     # A zero=0 dp=1 checkpoint goes on at zero=3 dp=4.
     load = [f"checkpoint.load={reference_checkpoint}", f"checkpoint.dir={root / 'ck_from_ref'}"]
-    out["from_reference"], _ = pretrain_in(
+    out["from_reference"], _ = pretrain_loading_slices_only(
         rank, topology, zero_config(1, 1, False, root / "fr", "parallel.zero=3", *load)
     )
     for zero in (1, 3):  # bf16 with fp32 main weights: zero 3 computes what zero 1 does

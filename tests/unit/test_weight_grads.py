@@ -100,15 +100,16 @@ def test_w_gradients_reach_the_post_accumulate_hooks_once_per_weight():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_w_accumulates_into_the_buckets_main_grads_as_a_plain_backward_does(dtype):
+@pytest.mark.parametrize("pre, post", [(True, False), (False, True)])
+def test_w_accumulates_into_the_buckets_main_grads_as_a_plain_backward_does(dtype, pre, post):
     """With gradient buckets, W adds each weight gradient straight into the fp32 main gradient (a linear's by
-    addmm, the fusion; bf16 products rounded first, as autograd's gradient is) and the bucket counts it: over two
-    micro-batches the main gradients equal two plain backwards', every parameter is counted twice, and no .grad
-    is left behind."""
+    addmm, an embedding's by index_add_: the fusion; bf16 gradients formed first, as autograd's are) and the
+    bucket counts it: over two micro-batches the main gradients equal two plain backwards', every parameter is
+    counted twice, and no .grad is left behind. The first stage has both embeddings, the last the output layer."""
     from megagpt.parallel.data_parallel import GradBuckets
 
     group = ParallelContext.single_process().dp_group
-    models = {split: stage(split, "none", False, True, 0.0).to(dtype) for split in (False, True)}
+    models = {split: stage(split, "none", pre, post, 0.0).to(dtype) for split in (False, True)}
     through_autograd = set()  # W's gradients reach main_grad directly; only B's own (the output layer's) use hooks
 
     def seen(param, name):
@@ -124,7 +125,7 @@ def test_w_accumulates_into_the_buckets_main_grads_as_a_plain_backward_does(dtyp
         for micro_batch in range(2):
             x = torch.randn(2, SEQ, 32, generator=torch.Generator().manual_seed(micro_batch)).to(dtype)
             queue = WeightGradQueue() if split else None
-            run(model, x, tokens[:, 1:], queue)
+            run(model, tokens[:, :-1] if pre else x, tokens[:, 1:] if post else None, queue)
             if split:
                 queue.run()
     reference = dict(models[False].named_parameters())
@@ -133,7 +134,7 @@ def test_w_accumulates_into_the_buckets_main_grads_as_a_plain_backward_does(dtyp
         assert buckets[True].received[param] == 2, name
         tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
         torch.testing.assert_close(param.main_grad, reference[name].main_grad, **tolerance, msg=name)
-    assert through_autograd == {"wte.weight"}
+    assert through_autograd == ({"wte.weight"} if post else set())
 
 
 def test_only_the_zero_bubble_schedules_build_split_layers():
