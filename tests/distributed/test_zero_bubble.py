@@ -1,7 +1,8 @@
 """The zero-bubble schedules (parallel.pp_schedule=zb-h1, zb-h2) compute what one process computes, and what 1F1B
 computes: every gradient of a step, and the losses and gradient norms of 10 steps (fp32, CPU, gloo). One world per
 layout checks all the schedules: tp2 x pp2 x dp2 with sequence parallelism, pp3 and pp4. In each, B (the input
-gradients) must leave every weight gradient to W, the fused tp=1 output layer's excepted (model/gpt.py)."""
+gradients) must leave every weight gradient to W, the fused tp=1 output layer's excepted (model/gpt.py). A pp2 x dp2
+world with ZeRO-1 checks ZB-H1 against 1F1B in bf16 and fp16, with recomputation."""
 
 from __future__ import annotations
 
@@ -128,3 +129,33 @@ def test_zero_bubble_schedules_match_one_process_and_1f1b(tp, pp, dp, sp, layers
             for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(histories[name], reference), 1):
                 assert loss == pytest.approx(ref_loss, rel=1e-5), f"{name} rank {rank} step {step}"
                 assert norm == pytest.approx(ref_norm, rel=1e-4), f"{name} rank {rank} step {step}"
+
+
+def low_precision_histories(rank, world_size, run_dir):
+    """{(precision, recompute): {schedule: (loss, grad norm) per step}} at pp 2 x dp 2 with ZeRO-1."""
+    from megagpt.parallel.context import ParallelContext
+    from megagpt.parallel.topology import Topology
+
+    ctx = ParallelContext.initialize(Topology(1, 2, 2), rank, torch.device("cpu"))
+    out = {}
+    for precision, recompute in (("bf16", "selective"), ("fp16", "full")):
+        extra = [f"train.precision={precision}", f"parallel.recompute={recompute}", "parallel.zero=1"]
+        out[(precision, recompute)] = {
+            name: train_history(
+                pipeline_config(1, 2, 1, False, 4, run_dir, *extra, f"parallel.pp_schedule={name}"), ctx
+            )
+            for name in ("1f1b", "zb-h1")
+        }
+    return out
+
+
+def test_zero_bubble_in_bf16_and_fp16_with_recompute_and_zero1_matches_1f1b(tmp_path):
+    """W's low-precision path (bf16 and fp16 gradients formed first, then added into the fp32 main gradients, as
+    autograd's are) under a real pipeline with data parallelism, ZeRO-1, recomputation and fp16 loss scaling:
+    ZB-H1's losses and gradient norms are 1F1B's (fp32 parity with one process is checked above)."""
+    results = run_world(4, low_precision_histories, str(tmp_path / "run"))
+    for rank, runs in enumerate(results):
+        for case, histories in runs.items():
+            for step, (got, want) in enumerate(zip(histories["zb-h1"], histories["1f1b"]), 1):
+                assert got[0] == pytest.approx(want[0], rel=1e-6), (case, rank, step)
+                assert got[1] == pytest.approx(want[1], rel=1e-5, nan_ok=True), (case, rank, step)
