@@ -24,7 +24,15 @@ from megagpt.parallel.comm import (
 from megagpt.parallel.context import Group
 from megagpt.parallel.params import update_spec
 from megagpt.parallel.trace_ranges import trace_range
-from megagpt.parallel.weight_grads import MatmulGrad, add_bias, defer, embedding, has_deferred_queue, linear
+from megagpt.parallel.weight_grads import (
+    add_bias,
+    computed,
+    defer,
+    embedding,
+    has_deferred_queue,
+    linear,
+    linear_weight_grads,
+)
 
 
 def divide(n: int, parts: int, what: str) -> int:
@@ -66,7 +74,7 @@ class _SequenceParallelColumnLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, group):  # x (b, s/tp, in) -> (b, s, out/tp)
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.has_bias = group, bias is not None
-        ctx.weight, ctx.bias = weight, bias  # the tensors as received, for a zero-bubble W's autograd call
+        ctx.weight, ctx.bias = weight, bias  # the tensors as received: a zero-bubble W finds their main gradients
         with trace_range("tp all-gather (sequence-parallel linear forward)"):
             full = all_gather(x, 1, group)  # (b, s, in)
         return F.linear(full, weight, bias)  # the gathered input dies here
@@ -81,26 +89,29 @@ class _SequenceParallelColumnLinear(torch.autograd.Function):
         grad_full = grad.matmul(weight)  # (b, s, in): partial sums over this rank's outputs
         wait(gathering, "all-gather (sequence-parallel input, backward)", group)
         grad_x, scattering = reduce_scatter(grad_full, 1, group, async_op=True)  # (b, s/tp, in)
-        rows = grad.reshape(-1, grad.shape[-1])  # (b*s, out/tp)
-        grad_weight = rows.t().matmul(full.reshape(-1, full.shape[-1])) if ctx.needs_input_grad[1] else None
-        grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_weight, grad_bias = computed(_weight_grads(ctx, grad, full))
         wait(scattering, "reduce-scatter (sequence-parallel input gradient)", group)
         return grad_x, grad_weight, grad_bias, None
 
 
+def _weight_grads(ctx, grad, full):
+    """The sequence-parallel column linear's (weight, gradient) pairs from its output gradient (b, s, out/tp) and
+    gathered input (b, s, in)."""
+    wants = ctx.needs_input_grad
+    return linear_weight_grads(grad, full, ctx.weight, ctx.bias, wants[1], ctx.has_bias and wants[2])
+
+
 def _sequence_parallel_input_grad(ctx, x, weight, grad):
     """B of the sequence-parallel column linear: the input gradient now, the weight gradient queued for W."""
-    group, bias = ctx.group, ctx.bias
+    group = ctx.group
     grad_full = grad.matmul(weight)  # (b, s, in)
     with trace_range("tp reduce-scatter (sequence-parallel input gradient, B)"):
         grad_x = reduce_scatter(grad_full, 1, group)  # (b, s/tp, in)
 
     def compute():
-        rows = grad.reshape(-1, grad.shape[-1])  # (b*s, out/tp)
         with trace_range("tp all-gather (sequence-parallel input, W)"):
             full = all_gather(x, 1, group)  # (b, s, in): every tp rank runs its W in the same order
-        yield ctx.weight, MatmulGrad(rows.t(), full.reshape(-1, full.shape[-1])) if ctx.needs_input_grad[1] else None
-        yield bias, rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        yield from _weight_grads(ctx, grad, full)
 
     defer(compute)
     return grad_x, None, None, None

@@ -153,11 +153,24 @@ def defer(compute: Callable[[], WeightGrads]) -> bool:
     return True
 
 
+def computed(pairs: WeightGrads) -> tuple:
+    """The gradients of (weight, gradient) pairs as tensors (None where a weight needs none), for a backward that
+    returns them to autograd at once."""
+    return tuple(None if grad is None else _tensor(grad) for _, grad in pairs)
+
+
 def weight_grads_now_or_later(compute: Callable[[], WeightGrads], wanted: int) -> tuple:
     """For a split layer's backward: () x wanted Nones when the work was queued, else the gradients computed now."""
     if defer(compute):
         return (None,) * wanted
-    return tuple(None if grad is None else _tensor(grad) for _, grad in compute())
+    return computed(compute())
+
+
+def linear_weight_grads(grad, x, weight, bias, want_weight: bool, want_bias: bool) -> WeightGrads:
+    """y = x W^T + b: (weight, grad^T x) and (bias, grad summed over rows), from the output gradient and the input."""
+    rows = _rows(grad)
+    yield weight, MatmulGrad(rows.t(), _rows(x)) if want_weight else None
+    yield bias, rows.sum(0) if want_bias else None
 
 
 def enable_split_backward(model: torch.nn.Module) -> None:
@@ -181,7 +194,7 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x)
-        ctx.weight, ctx.bias = weight, bias  # the tensors as received, for W's autograd call
+        ctx.weight, ctx.bias = weight, bias  # the tensors as received: W finds their main gradients (or autograd)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -191,9 +204,7 @@ class _Linear(torch.autograd.Function):
         grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
 
         def compute():
-            rows = _rows(grad)
-            yield weight, MatmulGrad(rows.t(), _rows(x)) if _wants(weight) else None
-            yield bias, rows.sum(0) if _wants(bias) else None
+            return linear_weight_grads(grad, x, weight, bias, _wants(weight), _wants(bias))
 
         return (grad_x, *weight_grads_now_or_later(compute, 2))
 
