@@ -15,6 +15,7 @@ recomputation at tp = 4 with sequence parallelism: s b h / 4 elements).
 from __future__ import annotations
 
 import gc
+import time
 
 import torch
 
@@ -23,6 +24,7 @@ from tests.distributed.harness import run_world
 # 8 heads: two per rank at tp = 4, as every GPT-3 layout has several (96 / 8). With a single head per rank the CPU
 # math path keeps the q, k, v views' storage besides its own copies, half an s b h / t more than planned.
 HIDDEN, HEADS, SEQ, MICRO, WINDOW = 256, 8, 256, 4, 64
+TOLERANCE = 0.05  # the issue's bar on measured / planned - 1
 
 
 def layer_config(recompute: str, dropout: float, pattern: str):
@@ -34,6 +36,23 @@ def layer_config(recompute: str, dropout: float, pattern: str):
          f"model.dropout={dropout}", f"model.attention_pattern=[{pattern}]", f"model.local_window={WINDOW}",
          f"parallel.recompute={recompute}", "train.device=cpu"],
     )  # fmt: skip
+
+
+def settled_bytes(tracker, y: torch.Tensor, planned: float) -> int:
+    """What the forward left alive besides its output, once nothing outside the graph holds a tensor.
+
+    gloo's worker thread marks an all-reduce complete (which wakes the caller) before it drops its own
+    reference to the work, and with it the work's tensor. On a loaded machine that thread can be descheduled in
+    between, and the layer's last all-reduced tensor, already dead to Python, is counted as kept (CI saw one
+    extra s b h so). A reading that disagrees with the plan is taken again for up to a second: a real excess
+    stays, a transient one goes."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        gc.collect()  # what only an unreachable cycle holds is not kept for backward
+        kept = tracker.live - y.untyped_storage().nbytes()
+        if abs(kept / planned - 1) <= TOLERANCE or time.monotonic() > deadline:
+            return kept
+        time.sleep(0.01)
 
 
 def measure_layers(rank: int, world_size: int) -> list[tuple]:
@@ -59,16 +78,15 @@ def measure_layers(rank: int, world_size: int) -> list[tuple]:
                         layer = GPT(cfg.model, ctx.tp_group, layers=range(1), pre_process=False,
                                     post_process=False, sequence_parallel=sp, rng=rng, init_seed=1,
                                     recompute=cfg.parallel.recompute)  # fmt: skip
+                        window = WINDOW if pattern == "local" else None
+                        planned = layer_activation_bytes(cfg, tp, sp, window, MICRO)
                         x0 = torch.randn(MICRO, SEQ // tp if sp else SEQ, HIDDEN)
                         tracker = AllocationTracker()
                         with tracker:
                             x = x0.clone().requires_grad_()  # made inside: the layer's input counts
                             y = layer(x)
-                            gc.collect()  # what only an unreachable cycle holds is not kept for backward
-                            kept = tracker.live - y.untyped_storage().nbytes()
+                            kept = settled_bytes(tracker, y, planned)
                         y.sum().backward()  # the graph was complete: backward runs
-                        window = WINDOW if pattern == "local" else None
-                        planned = layer_activation_bytes(cfg, tp, sp, window, MICRO)
                         rows.append((tp, sp, recompute, dropout, pattern, kept, planned))
     return rows
 
@@ -76,7 +94,7 @@ def measure_layers(rank: int, world_size: int) -> list[tuple]:
 def test_one_layer_keeps_what_the_planner_says():
     rows = run_world(4, measure_layers)[0]
     assert len(rows) == 5 * 3 * 2 * 2
-    off = [row for row in rows if abs(row[5] / row[6] - 1) > 0.05]
+    off = [row for row in rows if abs(row[5] / row[6] - 1) > TOLERANCE]
     assert not off, "measured vs planned bytes off by more than 5%: " + "; ".join(
         f"tp {tp} sp {sp} {recompute} dropout {dropout} {pattern}: {kept} vs {planned:.0f}"
         for tp, sp, recompute, dropout, pattern, kept, planned in off
