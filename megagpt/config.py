@@ -67,7 +67,8 @@ class ParallelConfig:
         "auto",
         "pipeline schedule: auto (1f1b, or interleaved when vpp > 1), 1f1b, interleaved, or the zero-bubble "
         "zb-h1 (1F1B's activation memory) and zb-h2 (up to 2 pp - 1 micro-batches held), which split backward "
-        "into input and weight gradients",
+        "into input and weight gradients; zb-h2 waits longer than 1f1b from 2 pp micro-batches on (a warning says "
+        "so): prefer zb-h1",
     )
     sequence_parallel: bool = option(False, "shard LayerNorm/dropout regions along the sequence across tp")
     zero: int = option(

@@ -34,8 +34,10 @@ Step time, two ways, by what the user knows:
   no bubble added, since a measured throughput already contains it. Its FLOP convention must be stated:
   "hardware" (the default; Narayanan et al. 2021's 140 TFLOP/s count the forward that recomputation repeats,
   their eq. (3)) or "model" (recomputation not counted).
-Pipeline bubble: (pp - 1) / m for 1F1B, (pp - 1) / (vpp m) interleaved, (pp - 1) / (3 m) for the zero-bubble
-zb-h1 and zb-h2 (pipeline.predicted_bubble), m = micro-batches per step per replica. Their activations: ZB-H1
+Pipeline bubble (pipeline.predicted_bubble), m = micro-batches per step per replica: (pp - 1) / m for 1F1B,
+(pp - 1) / (vpp m) interleaved, (pp - 1) / (3 m) for the zero-bubble zb-h1, and for zb-h2 the executor's rhythm
+simulated (pipeline.simulated_bubble), where its warm-up forwards wait for their receives: above 1F1B's from
+m = 2 pp on. Their activations: ZB-H1
 holds up to pp micro-batches on every stage (1F1B's peak, on the first), ZB-H2 up to 2 pp - 1 - r on stage r,
 each counted whole until its weight-gradient pass (an upper bound: after the input-gradient pass only what the
 weight gradients need is left).

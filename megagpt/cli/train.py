@@ -20,7 +20,7 @@ from megagpt.launch import discover_launch, resolve_device, set_cpu_threads
 from megagpt.log import get_logger, setup_logging
 from megagpt.parallel.comm import shutdown
 from megagpt.parallel.context import ParallelContext
-from megagpt.parallel.pipeline import max_alive_promised, predicted_bubble, resolve_schedule
+from megagpt.parallel.pipeline import max_alive_promised, predicted_bubble, resolve_schedule, slower_schedule_warning
 from megagpt.parallel.topology import Topology
 
 
@@ -59,6 +59,9 @@ def dry_run(cfg, world_size: int, meta_ranks: str | None = None) -> dict:
         f"bubble {predicted_bubble(p.pp_schedule, p.pp, p.vpp, micro):.1%}, up to "
         f"{max_alive_promised(p.pp, p.vpp, 0, micro, p.pp_schedule)} micro-batches' activations held on stage 0"
     )
+    slower = slower_schedule_warning(p.pp_schedule, p.pp, p.vpp, micro)
+    if slower:
+        print(f"warning: {slower}")
     first = stage_estimate(cfg, world_size, 0)  # what each rank of the first stage stores, after the zero level
     print(
         f"stored per rank of stage 0 (tools/estimate.py has the rest): weights {gib(first.weights_bytes)}, "

@@ -202,17 +202,36 @@ def predicted_bubble(
     ZB-H1 (pp - 1)(F + B - W) / (m (F + B + W)), a third of 1F1B's at equal times but more where W is the short
     pass (on CPU, where a forward's elementwise work and a backward's attention have no weight gradient to pair
     with, F > B > W and the ratio can exceed a half: bench/pipeline_bubble.py measures F, B and W), and never less
-    than (pp - 1) B, the gradients' way back. ZB-H2 is given ZB-H1's: within megagpt's step, which ends with the
-    loss and gradient-norm reductions on every rank, its extra warm-up forwards (its near-zero bubble in the paper
-    comes with letting stages run into the next step, not built here) wait as long as ZB-H1 unless F < W, where
-    this is an upper bound (tests/unit/test_pipeline_schedule.py simulates both)."""
+    than (pp - 1) B, the gradients' way back. These closed forms equal simulated_bubble, the executor's own
+    rhythm, which ZB-H2 gets instead: under it ZB-H2's extra warm-up forwards wait for their receives, so its
+    bubble exceeds 1F1B's and grows with m (and with free transfers it would still not beat ZB-H1 within one
+    synchronised step: its near-zero bubble in the paper comes with letting stages run into the next step)."""
     if pp == 1:
         return 0.0
     name = resolve_schedule(name, vpp)
     f, b, w = times
-    if name in ZERO_BUBBLE:
+    if name == "zb-h2":
+        return simulated_bubble(name, pp, vpp, num_micro_batches, times)
+    if name == "zb-h1":
         return (pp - 1) * max(f + b - w, b) / (num_micro_batches * (f + b + w))
     return (pp - 1) / ((vpp if name == "interleaved" else 1) * num_micro_batches)
+
+
+def slower_schedule_warning(name: str, pp: int, vpp: int, num_micro_batches: int) -> str | None:
+    """A sentence when the chosen schedule is predicted to wait longer than 1F1B at this layout (zb-h2 does,
+    under megagpt's exchanges), naming the better choice; None otherwise."""
+    name = resolve_schedule(name, vpp)
+    if pp == 1 or vpp > 1:
+        return None
+    bubble, one_f_one_b = (predicted_bubble(n, pp, 1, num_micro_batches) for n in (name, "1f1b"))
+    if bubble <= one_f_one_b:
+        return None
+    zb_h1 = predicted_bubble("zb-h1", pp, 1, num_micro_batches)
+    return (
+        f"parallel.pp_schedule={name} is predicted to wait {bubble:.0%} of its compute at pp={pp} with "
+        f"{num_micro_batches} micro-batches, against {one_f_one_b:.0%} for 1f1b and {zb_h1:.0%} for zb-h1: its "
+        f"extra warm-up forwards wait for the next stage to post their receives (docs/parallelism.md); use zb-h1"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,6 +278,56 @@ def step_exchange(
         if (action.kind == "F" and stage > 0) or (action.kind == "B" and stage < last):
             recvs.append(Transfer(action.kind, stage, action.micro_batch))
     return sorted(sends), sorted(recvs)
+
+
+def simulated_bubble(
+    name: str, pp: int, vpp: int, num_micro_batches: int, times: tuple[float, float, float] = (1.0, 1.0, 1.0)
+) -> float:
+    """The bubble of a schedule as the executor runs it: each rank computes a step, posts one batch (the step's
+    sends and the next step's receives), runs the step's W actions, waits for the whole batch, and a transfer
+    happens only once both ends have posted it (a large NCCL send waits for its receive; gloo's sends wait so too).
+    Returns the waiting per unit of compute, the same on every rank since the step ends with the last one; times
+    = (F, B, W) of a whole stage's pass (a chunk's are 1 / vpp of them; 1F1B's backward is B + W).
+
+    This rendezvous rhythm is what keeps every schedule deadlock-free under NCCL's rules, and it costs 1F1B,
+    interleaved 1F1B and ZB-H1 nothing (their closed forms in predicted_bubble equal this simulation,
+    tests/unit/test_pipeline_schedule.py). It does cost ZB-H2: a stage's extra warm-up forwards cannot be sent
+    before the next stage posts their receives, one step before it uses them, so the upstream stage waits at
+    every step and its lead buys nothing."""
+    name = resolve_schedule(name, vpp)
+    f, b, w = (t / vpp for t in times)
+    cost = {"F": f, "B": b if name in ZERO_BUBBLE else b + w, "W": w}
+    steps = [schedule_steps(pp, vpp, r, num_micro_batches, name) for r in range(pp)]
+    posted: dict[tuple[Transfer, str], float] = {}  # (transfer, "send" or "recv") -> when its end was posted
+    pending: list[tuple[int, float, list]] = []  # per rank: (next step, time its W's end, the batch it waits for)
+    for r in range(pp):
+        _, recvs = step_exchange([], steps[r][0], pp, vpp, r)
+        posted.update(((t, "recv"), 0.0) for t in recvs)
+        pending.append((0, 0.0, [(t, "recv") for t in recvs]))
+    finished = [None] * pp
+    while None in finished:
+        progressed = False
+        for r in range(pp):
+            while finished[r] is None:
+                i, ready, batch = pending[r]
+                other = [(t, "recv" if side == "send" else "send") for t, side in batch]
+                if any(end not in posted for end in other):
+                    break  # a peer has not posted its side yet
+                start = max([ready] + [max(posted[a], posted[b]) for a, b in zip(batch, other)])
+                if i == len(steps[r]):
+                    finished[r] = start
+                    break
+                step, next_step = steps[r][i], (steps[r][i + 1] if i + 1 < len(steps[r]) else None)
+                computed = start + sum(cost[a.kind] for a in step if a.kind != "W")
+                sends, recvs = step_exchange(step, next_step, pp, vpp, r)
+                batch = [(t, "send") for t in sends] + [(t, "recv") for t in recvs]
+                posted.update((end, computed) for end in batch)
+                pending[r] = (i + 1, computed + sum(cost[a.kind] for a in step if a.kind == "W"), batch)
+                progressed = True
+        if not progressed and None in finished:
+            raise RuntimeError(f"schedule {name} deadlocks at pp={pp}, vpp={vpp}, m={num_micro_batches}")
+    compute = num_micro_batches * sum(times)
+    return (max(finished) - compute) / compute
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from megagpt.model.build import build_grad_buckets, build_model
 from megagpt.model.facts import compute_dtype
 from megagpt.parallel.comm import all_gather, barrier
 from megagpt.parallel.context import ParallelContext
-from megagpt.parallel.pipeline import PipelineExecutor
+from megagpt.parallel.pipeline import PipelineExecutor, slower_schedule_warning
 from megagpt.train.loss_scaler import LossScaler
 from megagpt.train.metrics import MetricsWriter
 from megagpt.train.optimizer import MainParamOptimizer
@@ -210,6 +210,10 @@ def _pretrain(cfg: Config, ctx: ParallelContext, resume_from: Path | None, folde
     if metrics is not None:
         extras = (", TensorBoard" if metrics.tb else "") + (", Weights & Biases" if metrics.wandb else "")
         log.info(f"run folder {cfg.logging.dir}: config.yaml, metrics.jsonl" + extras)
+    micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+    slower = slower_schedule_warning(cfg.parallel.pp_schedule, pp, cfg.parallel.vpp, micro_batches)
+    if ctx.rank == 0 and slower:
+        log.warning(slower)
     if ctx.rank == 0 and cfg.model.qkv_bias and "local" in cfg.model.attention_pattern:
         log.warning(
             "this model will not export to Hugging Face: GPT-Neo (its model for local attention layers) has no query "
