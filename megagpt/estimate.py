@@ -37,10 +37,9 @@ Step time, two ways, by what the user knows:
 Pipeline bubble (pipeline.predicted_bubble), m = micro-batches per step per replica: (pp - 1) / m for 1F1B,
 (pp - 1) / (vpp m) interleaved, (pp - 1) / (3 m) for the zero-bubble zb-h1, and for zb-h2 the executor's rhythm
 simulated (pipeline.simulated_bubble), where its warm-up forwards wait for their receives: above 1F1B's from
-m = 2 pp on. Their activations: ZB-H1
-holds up to pp micro-batches on every stage (1F1B's peak, on the first), ZB-H2 up to 2 pp - 1 - r on stage r,
-each counted whole until its weight-gradient pass (an upper bound: after the input-gradient pass only what the
-weight gradients need is left).
+m = 2 pp on. Their activations: ZB-H1 holds up to pp micro-batches on every stage (1F1B's peak, on the first),
+ZB-H2 up to 2 pp - 1 - r on stage r, each counted whole until its weight-gradient pass (an upper bound: after
+the input-gradient pass only what the weight gradients need is left).
 """
 
 from __future__ import annotations

@@ -210,10 +210,11 @@ def _pretrain(cfg: Config, ctx: ParallelContext, resume_from: Path | None, folde
     if metrics is not None:
         extras = (", TensorBoard" if metrics.tb else "") + (", Weights & Biases" if metrics.wandb else "")
         log.info(f"run folder {cfg.logging.dir}: config.yaml, metrics.jsonl" + extras)
-    micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
-    slower = slower_schedule_warning(cfg.parallel.pp_schedule, pp, cfg.parallel.vpp, micro_batches)
-    if ctx.rank == 0 and slower:
-        log.warning(slower)
+    if ctx.rank == 0:  # a schedule that waits longer than 1F1B here (zb-h2 past 2 pp micro-batches) is named
+        micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+        slower = slower_schedule_warning(cfg.parallel.pp_schedule, pp, cfg.parallel.vpp, micro_batches)
+        if slower:
+            log.warning(slower)
     if ctx.rank == 0 and cfg.model.qkv_bias and "local" in cfg.model.attention_pattern:
         log.warning(
             "this model will not export to Hugging Face: GPT-Neo (its model for local attention layers) has no query "
