@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -274,7 +275,10 @@ def failing_writer_world(rank, world_size, root):
 def test_a_failing_async_writer_is_raised_on_every_rank(tmp_path):
     messages = run_world(2, failing_writer_world, str(tmp_path), timeout=300)
     ck = tmp_path / "ck"
-    assert messages[0] == messages[1]  # one sentence, on every rank
+    # One sentence on every rank. The free space it reports is each rank's own reading of the disk, taken a moment
+    # apart, so it may differ in the last digit while other processes write (CI saw 73.6 against 73.7 GiB).
+    same = [re.sub(r"[0-9.]+ GiB are free there", "N GiB are free there", m) for m in messages]
+    assert same[0] == same[1] and all("GiB are free there" in m for m in messages)
     tmp = Path(messages[0].split("Is a directory: ")[1].split(";")[0]).parent  # step_00000002.tmp-HOST-PID
     failed = f"could not be saved (rank 1 could not write its file: Is a directory: {tmp / 'rank_00001.pt'}; "
     assert f"checkpoint {ck / 'step_00000002'} {failed}" in messages[0]
