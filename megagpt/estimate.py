@@ -58,7 +58,7 @@ from megagpt.parallel.pipeline import (
     virtual_stage,
 )
 from megagpt.train.peaks import known_peak_tflops
-from megagpt.train.schedules import total_train_samples
+from megagpt.train.schedules import micro_batches_per_replica, total_train_samples
 
 # Dense bf16 matmul peaks (TFLOP/s, no sparsity) of the GPUs the tool knows: the training logs' table.
 GPU_PEAK_TFLOPS = {gpu: known_peak_tflops(gpu, "bf16") for gpu in ("h100", "h200", "a100")}
@@ -172,7 +172,7 @@ def stage_estimate(cfg: Config, world_size: int, stage: int, micro_batches: int 
     dp = data_parallel_size(cfg, world_size)
     dtype = compute_dtype(t.precision).itemsize  # bytes per element
     micro = t.micro_batch_size
-    m_steps = micro_batches if micro_batches is not None else t.global_batch_size // (micro * dp)
+    m_steps = micro_batches if micro_batches is not None else micro_batches_per_replica(t, dp)
     sp = p.sequence_parallel and tp > 1
     params = stage_params(cfg, tp, pp, vpp, stage)
     optimizer_per_param = 8 + (4 if t.precision != "fp32" else 0)
@@ -301,7 +301,7 @@ def estimate(
     throughput, counted in flops_convention ("hardware" or "model" FLOPs), instead of from the MFU."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = data_parallel_size(cfg, world_size)
-    micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+    micro_batches = micro_batches_per_replica(t, dp)
     stages = [stage_estimate(cfg, world_size, stage) for stage in range(p.pp)]
     fullest = max(stages, key=lambda st: st.total_bytes)
     flops, hardware_flops = model_flops_per_step(cfg), hardware_flops_per_step(cfg)

@@ -22,6 +22,7 @@ from megagpt.parallel.comm import shutdown
 from megagpt.parallel.context import ParallelContext
 from megagpt.parallel.pipeline import max_alive_promised, predicted_bubble, resolve_schedule, slower_schedule_warning
 from megagpt.parallel.topology import Topology
+from megagpt.train.schedules import micro_batches_per_replica
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,7 +54,7 @@ def dry_run(cfg, world_size: int, meta_ranks: str | None = None) -> dict:
         f"vpp={cfg.parallel.vpp}, {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
         f"precision {cfg.train.precision}, zero {cfg.parallel.zero}, recompute {cfg.parallel.recompute}"
     )
-    p, micro = cfg.parallel, cfg.train.global_batch_size // (cfg.train.micro_batch_size * topology.dp)
+    p, micro = cfg.parallel, micro_batches_per_replica(cfg.train, topology.dp)
     print(
         f"pipeline schedule {resolve_schedule(p.pp_schedule, p.vpp)}: {micro} micro-batches per replica, predicted "
         f"bubble {predicted_bubble(p.pp_schedule, p.pp, p.vpp, micro):.1%}, up to "

@@ -31,7 +31,7 @@ from megagpt.train.metrics import MetricsWriter
 from megagpt.train.optimizer import MainParamOptimizer
 from megagpt.train.run_control import Checkpointer
 from megagpt.train.run_folders import RunFolders, hold_run_folders
-from megagpt.train.schedules import total_train_samples
+from megagpt.train.schedules import micro_batches_per_replica, total_train_samples
 from megagpt.train.trainer import Trainer, TrainState
 from megagpt.train.wandb_writer import open_wandb
 
@@ -211,7 +211,7 @@ def _pretrain(cfg: Config, ctx: ParallelContext, resume_from: Path | None, folde
         extras = (", TensorBoard" if metrics.tb else "") + (", Weights & Biases" if metrics.wandb else "")
         log.info(f"run folder {cfg.logging.dir}: config.yaml, metrics.jsonl" + extras)
     if ctx.rank == 0:  # a schedule that waits longer than 1F1B here (zb-h2 past 2 pp micro-batches) is named
-        micro_batches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+        micro_batches = micro_batches_per_replica(cfg.train, dp)
         slower = slower_schedule_warning(cfg.parallel.pp_schedule, pp, cfg.parallel.vpp, micro_batches)
         if slower:
             log.warning(slower)

@@ -36,6 +36,12 @@ def global_batch_size(consumed_samples: int, train: TrainConfig) -> int:
     return batch_size_at(consumed_samples, train.global_batch_size, train.batch_rampup)
 
 
+def micro_batches_per_replica(train: TrainConfig, dp: int) -> int:
+    """Micro-batches one data-parallel replica runs in a step of the full global batch (after any ramp-up):
+    the m of the pipeline schedules, their bubble and the activations they hold."""
+    return train.global_batch_size // (train.micro_batch_size * dp)
+
+
 def total_train_samples(train: TrainConfig) -> int:
     """Samples consumed by train.iters steps, ramp-up included."""
     return samples_after(train.iters, train.global_batch_size, train.batch_rampup)
